@@ -1,0 +1,49 @@
+"""Atomic file output and inter-process locks.
+
+Outputs are written under a temporary name in the same directory and renamed into place only on success, so a
+crash or Ctrl-C never leaves a complete-looking file behind.
+"""
+
+import contextlib
+import fcntl
+import os
+import uuid
+
+
+def temp_path_for(path: str) -> str:
+    """A unique temporary sibling of ``path`` (same directory, so the final rename is atomic)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_quietly(path: str) -> None:
+    """Delete ``path`` if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: str = "wb"):
+    """Open a temporary file for writing; on success fsync and rename it to ``path``, on error delete it."""
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: str):
+    """Exclusive advisory lock (fcntl.flock) held for the duration of the block; blocks until acquired."""
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)) or ".", exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

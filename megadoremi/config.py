@@ -1,0 +1,300 @@
+"""Experiment configuration: one dataclass per component, YAML in and out, dotted overrides, one ConfigError.
+
+``load_config("configs/tiny/main.yaml", ["--train.steps=20", "--parallel.zero_stage=3"])`` reads the YAML,
+applies the overrides (values parsed as YAML scalars), checks every key and type, runs each section's
+``validate()`` and returns an ``ExperimentConfig``. Unknown keys, wrong types and impossible values fail here,
+before any process group or model exists, with the dotted field name and the value in the message.
+"""
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and the value."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    mlp: str | None = None  # gelu | swiglu (None: the preset's)
+    norm: str | None = None  # layernorm | rmsnorm
+    tied_embeddings: bool | None = None
+    activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        from megadoremi.model.presets import PRESETS
+
+        if self.preset.lower() not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.mlp not in (None, "gelu", "swiglu"):
+            raise ConfigError(f"model.mlp: must be gelu or swiglu, got {self.mlp!r}")
+        if self.norm not in (None, "layernorm", "rmsnorm"):
+            raise ConfigError(f"model.norm: must be layernorm or rmsnorm, got {self.norm!r}")
+
+
+@dataclass
+class DataConfig:
+    domains: dict[str, str] = field(default_factory=dict)  # domain name -> dataset prefix
+    weights: str | dict[str, float] | None = None  # weights JSON path or inline mapping; None: uniform
+    tokenizer_model: str | None = None
+    split: str = "969,30,1"
+    cache_dir: str | None = None
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if not self.domains:
+            raise ConfigError("data.domains: at least one domain (name: dataset prefix) is required")
+        for name, prefix in self.domains.items():
+            if not isinstance(prefix, str) or not prefix:
+                raise ConfigError(f"data.domains.{name}: expected a dataset prefix, got {prefix!r}")
+        if isinstance(self.weights, dict):
+            unknown = sorted(set(self.weights) - set(self.domains))
+            if unknown:
+                raise ConfigError(f"data.weights: unknown domain(s) {unknown}; known: {sorted(self.domains)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    seq_length: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_fraction: float = 0.06
+    decay: str = "exponential"  # exponential | cosine | constant
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    log_interval: int = 1
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "seq_length", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
+        if not 0 < self.lr:
+            raise ConfigError(f"train.lr: must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr: must be in [0, train.lr={self.lr}], got {self.min_lr}")
+        if self.decay == "exponential" and self.min_lr <= 0:
+            raise ConfigError("train.min_lr: exponential decay needs a positive min_lr")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"train.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
+        if self.decay not in ("exponential", "cosine", "constant"):
+            raise ConfigError(f"train.decay: must be exponential, cosine or constant, got {self.decay!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision: must be auto, fp32 or bf16, got {self.precision!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas: expected two values in [0, 1), got {self.betas}")
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0
+    pipeline_stages: int = 1
+    ds_config_template: str | None = None  # default: ds_configs/zero{stage}.json shipped with the package
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.pipeline_stages < 1:
+            raise ConfigError(f"parallel.pipeline_stages: must be >= 1, got {self.pipeline_stages}")
+        if self.pipeline_stages > 1 and self.zero_stage >= 2:
+            raise ConfigError(
+                f"parallel.zero_stage={self.zero_stage} with parallel.pipeline_stages={self.pipeline_stages}: "
+                "DeepSpeed's pipeline engine supports only ZeRO stage 0 or 1 (stage 2/3 partition gradients "
+                "or parameters across the data-parallel group, which the pipeline schedule does not handle); "
+                "use zero_stage 1 with pipelining, or pipeline_stages 1 with ZeRO-3"
+            )
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # steps between evaluations; 0: only at the end
+    max_samples_per_domain: int = 64
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.max_samples_per_domain <= 0 or self.batch_size <= 0:
+            raise ConfigError(
+                f"eval: interval must be >= 0 and max_samples_per_domain, batch_size > 0; got {self}"
+            )
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | a checkpoint directory
+
+    def validate(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"checkpoint.interval: must be >= 0, got {self.interval}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class ExperimentConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        if not self.run_dir:
+            raise ConfigError("run_dir: required")
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- building dataclasses from plain data, with type checks -----------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check ``value`` against the annotation ``tp`` (recursing into dataclasses); ints are accepted as floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (section), got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(error)
+        names = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_type, f"{where}"): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys{' of ' + prefix if prefix else ''}: "
+                          f"{', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], object]]:
+    """``["--train.steps=20", "--data.weights=w.json"]`` -> [(["train", "steps"], 20), ...] (YAML scalars)."""
+    parsed = []
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r}: expected --section.key=value")
+        key, raw = text.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: cannot parse the value: {error}") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def _apply(data: dict, path: list[str], value) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> ExperimentConfig:
+    """Build, override and validate an ExperimentConfig from plain data."""
+    data = dict(data or {})
+    for path, value in parse_overrides(list(overrides)):
+        _apply(data, path, value)
+    config = _build(ExperimentConfig, data)
+    config.validate()
+    return config
+
+
+def load_config(path: str, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config file; relative dataset / weights paths stay relative to the working directory."""
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def save_config(config: ExperimentConfig, path: str) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from megadoremi.utils.fs import atomic_output
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_output(path, "w") as handle:
+        yaml.safe_dump(config.to_dict(), handle, sort_keys=False)

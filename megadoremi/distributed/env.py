@@ -1,0 +1,158 @@
+"""Find rank, world size, local rank and the rendezvous address under every launcher we support.
+
+- ``deepspeed`` and ``torchrun`` export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+- ``mpiexec`` / ``mpirun`` (MPICH, Open MPI, PMIx): rank and size from the MPI environment; rank 0's address and a
+  free port are broadcast with mpi4py when it is importable (needed across nodes).
+- ``srun``: SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID inside a job step; the master is the first host of
+  the step's node list, the port derived from the job id (or MASTER_PORT when set).
+- otherwise one process.
+Discovery exports the torch variables, so ``torch.distributed``'s ``env://`` rendezvous works the same for all.
+"""
+
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torch (deepspeed / torchrun) | mpi | slurm | single
+
+    def export(self) -> None:
+        """Set the torch.distributed environment variables from this description."""
+        os.environ.update({
+            "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+            "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port),
+        })
+
+
+def _int_env(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return None
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this host."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """``node[01-03,07],gpu5`` -> [node01, node02, node03, node07, gpu5]; uses scontrol when available."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            if "-" in part:
+                low, high = part.split("-")
+                hosts.extend(f"{prefix}{i:0{len(low)}d}" for i in range(int(low), int(high) + 1))
+            else:
+                hosts.append(f"{prefix}{part}")
+    return hosts
+
+
+def _mpi_environment() -> DistributedEnv | None:
+    rank = _int_env("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+    size = _int_env("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    if rank is None:
+        return None
+    local_rank = _int_env("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
+    local_size = _int_env("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+    master_addr = os.environ.get("MASTER_ADDR")
+    master_port = _int_env("MASTER_PORT")
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        MPI = None
+    if MPI is not None:
+        comm = MPI.COMM_WORLD
+        rank, size = comm.Get_rank(), comm.Get_size()
+        hosts = comm.allgather(MPI.Get_processor_name())
+        if local_rank is None:
+            local_rank = sum(host == hosts[rank] for host in hosts[:rank])
+        single_host = len(set(hosts)) == 1
+        if master_addr is None:
+            master_addr = comm.bcast(
+                ("127.0.0.1" if single_host else socket.gethostbyname(socket.gethostname())) if rank == 0 else None
+            )
+        if master_port is None:
+            master_port = comm.bcast(free_port() if rank == 0 else None)
+    else:
+        if size is None:
+            raise RuntimeError("MPI launch detected (rank variable set) but no world size variable; install mpi4py")
+        if master_addr is None:
+            if local_size is not None and local_size != size:
+                raise RuntimeError("multi-node mpirun needs mpi4py (or MASTER_ADDR) to find the rendezvous host")
+            master_addr = "127.0.0.1"
+        master_port = master_port or 29500
+    return DistributedEnv(rank, size, local_rank or 0, master_addr, master_port, "mpi")
+
+
+def _slurm_environment() -> DistributedEnv | None:
+    if os.environ.get("SLURM_STEP_ID") is None or os.environ.get("SLURM_PROCID") is None:
+        return None  # in the batch script itself (no srun step): not a parallel launch
+    size = _int_env("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
+    rank = _int_env("SLURM_PROCID")
+    local_rank = _int_env("SLURM_LOCALID") or 0
+    master_addr = os.environ.get("MASTER_ADDR")
+    if master_addr is None:
+        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or "localhost"
+        hosts = expand_slurm_nodelist(nodelist)
+        master_addr = hosts[0] if len(hosts) > 1 else "127.0.0.1"
+    job_id = _int_env("SLURM_JOB_ID") or 0
+    step_id = _int_env("SLURM_STEP_ID") or 0
+    master_port = _int_env("MASTER_PORT") or 20000 + (job_id * 7 + step_id) % 20000
+    return DistributedEnv(rank, size, local_rank, master_addr, master_port, "slurm")
+
+
+def discover_environment() -> DistributedEnv:
+    """Describe this process's place in the job, whichever launcher started it (see the module docstring)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return DistributedEnv(
+            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+            os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)), "torch",
+        )
+    for finder in (_mpi_environment, _slurm_environment):
+        env = finder()
+        if env is not None:
+            return env
+    port = _int_env("MASTER_PORT") or free_port()
+    return DistributedEnv(0, 1, 0, os.environ.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+
+
+def init_distributed(env: DistributedEnv | None = None, backend: str | None = None, timeout_s: int = 1800):
+    """Initialise torch.distributed (through DeepSpeed's comm layer): gloo on CPU, nccl on CUDA."""
+    import datetime
+
+    import deepspeed
+    import torch
+
+    env = env or discover_environment()
+    env.export()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return env

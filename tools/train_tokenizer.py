@@ -1,0 +1,6 @@
+"""Thin wrapper: see megadoremi.tools.train_tokenizer."""
+
+from megadoremi.tools.train_tokenizer import main
+
+if __name__ == "__main__":
+    main()

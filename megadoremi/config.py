@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
+    vocab_size: int | None = None  # None: the tokenizer's (data.tokenizer_model)
     mlp: str | None = None  # gelu | swiglu (None: the preset's)
     norm: str | None = None  # layernorm | rmsnorm
     tied_embeddings: bool | None = None
@@ -34,6 +35,8 @@ class ModelConfig:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.mlp not in (None, "gelu", "swiglu"):
             raise ConfigError(f"model.mlp: must be gelu or swiglu, got {self.mlp!r}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ConfigError(f"model.vocab_size: must be positive, got {self.vocab_size}")
         if self.norm not in (None, "layernorm", "rmsnorm"):
             raise ConfigError(f"model.norm: must be layernorm or rmsnorm, got {self.norm!r}")
 
@@ -44,8 +47,7 @@ class DataConfig:
     weights: str | dict[str, float] | None = None  # weights JSON path or inline mapping; None: uniform
     tokenizer_model: str | None = None
     split: str = "969,30,1"
-    cache_dir: str | None = None
-    num_workers: int = 0
+    cache_dir: str | None = None  # sample-index cache; None: next to each dataset (or a temp dir if read-only)
 
     def validate(self) -> None:
         if not self.domains:
@@ -57,8 +59,6 @@ class DataConfig:
             unknown = sorted(set(self.weights) - set(self.domains))
             if unknown:
                 raise ConfigError(f"data.weights: unknown domain(s) {unknown}; known: {sorted(self.domains)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
 
 
 @dataclass

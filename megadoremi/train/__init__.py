@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed loop, checkpoints, LR schedule, metrics; ``python -m megadoremi.train CONFIG``."""

@@ -1,0 +1,75 @@
+"""``python -m megadoremi.train CONFIG.yaml [--section.key=value ...] [--dry-run] [--resume auto|none|DIR]``.
+
+The same command runs under ``deepspeed --module``, ``torchrun -m``, ``srun`` and ``mpiexec``.
+"""
+
+import argparse
+import json
+import sys
+
+import yaml
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="megadoremi-train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="experiment YAML")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, exit")
+    parser.add_argument("--resume", help="auto (latest complete checkpoint), none, or a checkpoint directory")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            parser.error(f"unrecognised argument {item!r} (overrides are --section.key=value)")
+        overrides.append(item)
+    if args.resume is not None:
+        overrides.append(f"--checkpoint.resume={args.resume}")
+    return args, overrides
+
+
+def main(argv=None) -> int:
+    from megadoremi.config import ConfigError, load_config
+    from megadoremi.distributed.env import discover_environment
+    from megadoremi.train.plan import build_ds_config, resolve_batch_plan
+
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, overrides)
+        env = discover_environment()
+        plan = resolve_batch_plan(config, env.world_size)
+        if args.dry_run:
+            import torch
+
+            if env.rank == 0:
+                print("# resolved config")
+                print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+                print("# batch plan")
+                print(json.dumps(plan.to_dict(), indent=2))
+                print("# DeepSpeed config")
+                print(json.dumps(build_ds_config(config, plan, torch.cuda.is_available()), indent=2))
+            return 0
+    except ConfigError as error:
+        print(f"megadoremi-train: config error: {error}", file=sys.stderr)
+        return 2
+
+    from megadoremi.distributed.env import init_distributed
+    from megadoremi.train.trainer import Trainer
+    from megadoremi.utils.logging import configure_logging
+
+    configure_logging(rank=env.rank)
+    init_distributed(env)
+    try:
+        summary = Trainer(config, env, plan).run()
+    except ConfigError as error:
+        print(f"megadoremi-train: config error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0 if summary["status"] in ("completed", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

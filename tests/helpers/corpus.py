@@ -1,0 +1,30 @@
+"""A small tokenized multi-domain corpus for training tests, built once per test session."""
+
+import json
+import os
+
+import numpy as np
+
+from megadoremi.data.demo_corpus import make_demo_corpus
+from megadoremi.data.indexed_dataset import IndexedDatasetWriter, best_dtype
+from megadoremi.data.tokenizer import Tokenizer, train_tokenizer
+
+DOMAINS = ("stdlib_code", "licenses", "arithmetic", "boilerplate", "random_chars")
+
+
+def build_tiny_corpus(root: str, bytes_per_domain: int = 120_000, vocab_size: int = 512) -> dict:
+    """Demo corpus -> SentencePiece model -> one indexed dataset per domain; returns paths."""
+    corpus_dir = os.path.join(root, "corpus")
+    files = make_demo_corpus(corpus_dir, seed=0, target_bytes_per_domain=bytes_per_domain, domains=list(DOMAINS))
+    model_prefix = os.path.join(root, "tokenizer")
+    train_tokenizer(corpus_dir, model_prefix, vocab_size, max_chars=300_000, seed=0)
+    tokenizer = Tokenizer(model_prefix + ".model")
+    prefixes = {}
+    for name, path in files.items():
+        prefix = os.path.join(root, "data", f"{name}_text_document")
+        with open(path) as handle, IndexedDatasetWriter(prefix, best_dtype(tokenizer.vocab_size)) as writer:
+            for line in handle:
+                writer.add_document(np.asarray(tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eod]))
+        prefixes[name] = prefix
+    return {"root": root, "tokenizer_model": model_prefix + ".model", "domains": prefixes,
+            "vocab_size": tokenizer.vocab_size}

@@ -1,0 +1,134 @@
+"""Tokenize jsonl corpora into Megatron .bin/.idx datasets, with Megatron's flags.
+
+``megadoremi-preprocess --input data/*.jsonl.gz --json-keys text --output-prefix out/corpus
+--tokenizer-model tok.model --append-eod --workers 8`` writes ``out/corpus_text_document.bin/.idx``.
+Launched under ``mpiexec -n R`` or ``srun`` it splits the input across the R ranks and merges on rank 0 (see
+megadoremi.data.preprocess_mpi). Exit status: 0 on success, 1 on failure (nothing written), 2 on a usage
+error, 130/143 when interrupted by SIGINT/SIGTERM (nothing written, temporary files removed).
+"""
+
+import argparse
+import signal
+
+from megadoremi.data.preprocess import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_REPORTED, PreprocessConfig, \
+    PreprocessError, run_preprocess
+from megadoremi.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer",)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so every cleanup path runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def parse_log_interval(value: str) -> tuple[float | None, int | None]:
+    """``30s`` -> every 30 seconds; ``1000`` -> every 1000 documents (Megatron's meaning)."""
+    try:
+        if value.endswith("s"):
+            seconds = float(value[:-1])
+            if seconds > 0:
+                return seconds, None
+        else:
+            docs = int(value)
+            if docs > 0:
+                return None, docs
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a positive number of documents (1000) or seconds (30s), "
+                                     f"got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Megatron's preprocessing flags, plus a few of ours (--strict, --chunk-bytes, --distributed, --tmp-dir)."""
+    parser = argparse.ArgumentParser(
+        description="Tokenize jsonl (or jsonl.gz) documents into Megatron indexed datasets "
+                    "{output_prefix}_{key}_document.bin/.idx, one per JSON key.")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="jsonl / jsonl.gz files or glob patterns, processed in the given order (each glob's "
+                             "matches sorted)")
+    parser.add_argument("--json-keys", nargs="+", default=["text"],
+                        help="keys to extract; one output dataset per key (default: text)")
+    parser.add_argument("--output-prefix", required=True, help="outputs are {prefix}_{key}_document.bin/.idx")
+    parser.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES,
+                        help="accepted for Megatron compatibility; only SentencePiece models are supported "
+                             "(--append-eod appends the model's eos id, like Megatron's GPTSentencePieceTokenizer)")
+    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    parser.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each "
+                                                                  "document")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="tokenizer processes per rank (1: tokenize in the main process)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on the first bad line or file instead of skipping and counting it")
+    parser.add_argument("--log-interval", type=parse_log_interval, default=(30.0, None),
+                        help="progress log line every N documents (1000) or seconds (30s) when stderr is not a "
+                             "terminal (default: 30s)")
+    parser.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                        help=f"bytes of input lines per worker task (default: {DEFAULT_CHUNK_BYTES})")
+    parser.add_argument("--max-reported", type=int, default=DEFAULT_MAX_REPORTED,
+                        help=f"bad lines reported individually (per rank); the rest are counted "
+                             f"(default: {DEFAULT_MAX_REPORTED})")
+    parser.add_argument("--distributed", choices=("auto", "off", "mpi"), default="auto",
+                        help="auto: use MPI (mpi4py) when launched by mpiexec/srun with several tasks; "
+                             "off: never; mpi: always")
+    parser.add_argument("--tmp-dir", default=None,
+                        help="distributed mode: where ranks other than 0 write their parts (node-local is best; "
+                             "default: $TMPDIR, else the output directory)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    """The PreprocessConfig the parsed flags describe."""
+    log_interval_s, log_interval_docs = args.log_interval
+    return PreprocessConfig(
+        inputs=list(args.input),
+        output_prefix=args.output_prefix,
+        tokenizer_model=args.tokenizer_model,
+        json_keys=list(args.json_keys),
+        append_eod=args.append_eod,
+        workers=args.workers,
+        strict=args.strict,
+        chunk_bytes=args.chunk_bytes,
+        log_interval_s=log_interval_s,
+        log_interval_docs=log_interval_docs,
+        max_reported=args.max_reported,
+        tmp_dir=args.tmp_dir,
+        distributed=args.distributed,
+    )
+
+
+def main(argv=None) -> int:
+    """Parse, run, and return the exit status (0 done, 1 failed, 2 usage error, 130/143 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    try:
+        config.validate()
+    except PreprocessError as error:
+        parser.error(str(error))
+    try:
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous_sigterm = None
+    try:
+        run_preprocess(config)
+        return 0
+    except KeyboardInterrupt as interrupt:
+        logger.error("interrupted by %s: no output was written, temporary files removed",
+                     "SIGTERM" if isinstance(interrupt, _Terminated) else "SIGINT")
+        return 143 if isinstance(interrupt, _Terminated) else 130
+    except PreprocessError as error:
+        if not getattr(error, "quiet", False):
+            logger.error("%s", error)
+        return 1
+    except OSError as error:  # an unreadable input or an unwritable output directory: nothing was written
+        logger.error("%s", error)
+        return 1
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)

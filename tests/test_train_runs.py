@@ -1,0 +1,120 @@
+"""Training runs end to end: loss goes down, exact resume after a hard kill, every launcher, config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from megadoremi.train.checkpoint import COMPLETE_MARKER, complete_checkpoints, resolve_resume
+from tests.helpers.launch import REPO_ROOT, clean_env, losses, read_jsonl, run_training, train_command, write_config
+
+
+@pytest.fixture(scope="module")
+def config(tiny_corpus, tmp_path_factory):
+    return write_config(str(tmp_path_factory.mktemp("runs") / "config.yaml"), tiny_corpus)
+
+
+def test_loss_decreases_and_outputs_are_written(config, tmp_path):
+    run_dir = str(tmp_path / "run")
+    run_training("torchrun", 2, config, [f"--run_dir={run_dir}", "--train.steps=40", "--eval.interval=20",
+                                         "--train.warmup_fraction=0.06"])
+    records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 41))
+    for key in ("loss", "lr", "tokens_per_second", "domain_loss"):
+        assert key in records[0]
+    assert set(records[-1]["domain_loss"]) <= {"stdlib_code", "licenses", "arithmetic", "boilerplate", "random_chars"}
+    first, last = np.mean([r["loss"] for r in records[:5]]), np.mean([r["loss"] for r in records[-5:]])
+    assert last < first - 0.5, (first, last)
+    evals = read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+    assert [e["step"] for e in evals] == [20, 40]
+    assert set(evals[-1]["val_loss"]) == set(evals[-1]["val_ppl"]) and len(evals[-1]["val_loss"]) == 5
+    assert evals[-1]["val_loss_avg"] < evals[0]["val_loss_avg"]
+    for name in ("config.yaml", "ds_config.json", "final.json"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    ds_config = json.load(open(os.path.join(run_dir, "ds_config.json")))
+    assert ds_config["train_batch_size"] == 8 and ds_config["train_micro_batch_size_per_gpu"] == 4
+    events = os.listdir(os.path.join(run_dir, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events), events
+
+
+def test_exact_resume_after_kill(config, tmp_path):
+    steps = ["--train.steps=12", "--checkpoint.interval=4"]
+    full = str(tmp_path / "full")
+    run_training("torchrun", 2, config, [f"--run_dir={full}", *steps])
+    reference = losses(full)
+
+    interrupted = str(tmp_path / "interrupted")
+    command = train_command("torchrun", 2, config, [f"--run_dir={interrupted}", *steps, "--train.log_interval=1"])
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = os.path.join(interrupted, "checkpoints", "step_00000004", COMPLETE_MARKER)
+    deadline = time.time() + 240
+    while not os.path.exists(marker) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert os.path.exists(marker), "the run never wrote its first checkpoint"
+    completed = [step for step, _ in complete_checkpoints(os.path.join(interrupted, "checkpoints"))]
+    assert completed and completed[-1] < 12, completed
+
+    run_training("torchrun", 2, config, [f"--run_dir={interrupted}", *steps, "--resume", "auto"])
+    resumed = read_jsonl(os.path.join(interrupted, "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    np.testing.assert_allclose([r["loss"] for r in resumed], reference, rtol=0, atol=1e-7)
+
+
+def test_incomplete_checkpoint_is_never_resumed(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step_00000004").mkdir(parents=True)
+    (checkpoints / "step_00000004" / COMPLETE_MARKER).write_text("4\n")
+    (checkpoints / "step_00000008").mkdir()  # interrupted save: files but no marker
+    (checkpoints / "step_00000008" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    assert resolve_resume("auto", str(checkpoints)).endswith("step_00000004")
+    assert resolve_resume("none", str(checkpoints)) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(str(checkpoints / "step_00000008"), str(checkpoints))
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpiexec"])
+def test_launchers_form_the_same_group(config, tmp_path, launcher):
+    """deepspeed and mpiexec give the same 2-rank group as torchrun: same world size, same losses."""
+    reference = str(tmp_path / "torchrun")
+    run_training("torchrun", 2, config, [f"--run_dir={reference}", "--train.steps=3"])
+    run_dir = str(tmp_path / launcher)
+    result = run_training(launcher, 2, config, [f"--run_dir={run_dir}", "--train.steps=3"])
+    assert "world 2 = 1 pipeline x 2 data-parallel" in result.stderr + result.stdout
+    plan = json.load(open(os.path.join(run_dir, "ds_config.json")))["megadoremi_batch_plan"]
+    assert plan["world_size"] == 2 and plan["data_parallel_size"] == 2
+    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--train.stepz=3"], "unknown key train.stepz"),
+        (["--train.steps=many"], "train.steps: expected an integer, got 'many'"),
+        (["--parallel.zero_stage=3", "--parallel.pipeline_stages=2"], "supports only ZeRO stage 0 or 1"),
+        (["--parallel.pipeline_stages=3"], "pipeline_stages=3 does not divide the world size 1"),
+        (["--model.preset=13b"], "model.preset: unknown preset '13b'"),
+        (["--train.micro_batch_size=0"], "train.micro_batch_size: must be positive"),
+    ],
+)
+def test_config_errors_are_one_clear_message(config, overrides, message):
+    result = run_training("python", 1, config, overrides, check=False, timeout_s=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dry_run_prints_resolved_config_and_deepspeed_json(config):
+    result = run_training("python", 1, config, ["--dry-run", "--train.grad_accum=3", "--parallel.zero_stage=2"],
+                          timeout_s=120)
+    assert "# resolved config" in result.stdout and "# DeepSpeed config" in result.stdout
+    ds_json = json.loads(result.stdout.split("# DeepSpeed config", 1)[1])
+    assert ds_json["train_batch_size"] == 12 and ds_json["gradient_accumulation_steps"] == 3
+    assert ds_json["zero_optimization"]["stage"] == 2

@@ -58,14 +58,17 @@ def main(argv=None) -> int:
 
     configure_logging(rank=env.rank)
     init_distributed(env)
+    import torch.distributed as dist
+
     try:
         summary = Trainer(config, env, plan).run()
+        # Every rank gets here before any tears down its connections: a peer closing its sockets while another
+        # still talks to it makes gloo abort the process ("terminate called without an active exception").
+        dist.barrier()
     except ConfigError as error:
         print(f"megadoremi-train: config error: {error}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0 if summary["status"] in ("completed", "stopped") else 1

@@ -118,3 +118,25 @@ def test_dry_run_prints_resolved_config_and_deepspeed_json(config):
     ds_json = json.loads(result.stdout.split("# DeepSpeed config", 1)[1])
     assert ds_json["train_batch_size"] == 12 and ds_json["gradient_accumulation_steps"] == 3
     assert ds_json["zero_optimization"]["stage"] == 2
+
+
+def test_sigusr1_checkpoints_and_stops_then_resume_finishes(config, tmp_path):
+    run_dir = str(tmp_path / "signalled")
+    command = train_command("python", 1, config, [f"--run_dir={run_dir}", "--train.steps=400"])
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "received SIGUSR1" in stderr
+    steps = [step for step, _ in complete_checkpoints(os.path.join(run_dir, "checkpoints"))]
+    assert len(steps) == 1 and 3 <= steps[0] < 400
+    assert not os.path.exists(os.path.join(run_dir, "final.json"))
+    run_training("python", 1, config, [f"--run_dir={run_dir}", "--train.steps=400"])
+    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, 401))

@@ -137,12 +137,43 @@ class CheckpointConfig:
     interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | a checkpoint directory
+    export_model: bool = True  # write RUN_DIR/model.pt (consolidated weights) at the end of the run
 
     def validate(self) -> None:
         if self.interval < 0:
             raise ConfigError(f"checkpoint.interval: must be >= 0, got {self.interval}")
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last: must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class DoReMiConfig:
+    """Group-DRO proxy training (DoReMi). Batches are sampled from data.weights (the reference mixture);
+    the domain weights alpha_t only weight the loss."""
+
+    enabled: bool = False
+    reference_model: str | None = None  # a reference run directory (its model.pt) or a model.pt file
+    reference_losses: str | None = None  # a cache written by tools/compute_reference_losses.py (else: live)
+    step_size: float = 1.0
+    smoothing: float = 1e-3
+    objective: str = "paper"  # paper (Eq. 1) | official (token-weighted, as the official repository)
+    order: str = "auto"  # paper: update alpha before backward (1 micro-batch/step) | lagged | auto
+    initial_weights: str | dict[str, float] | None = None  # alpha_0; None: uniform
+    check_consistency: bool = False  # debug: all-gather alpha every step and check every rank agrees
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        if not self.reference_model and not self.reference_losses:
+            raise ConfigError("doremi.reference_model: required (or doremi.reference_losses) for a proxy run")
+        if self.step_size < 0:
+            raise ConfigError(f"doremi.step_size: must be >= 0, got {self.step_size}")
+        if not 0 <= self.smoothing <= 1:
+            raise ConfigError(f"doremi.smoothing: must be in [0, 1], got {self.smoothing}")
+        if self.objective not in ("paper", "official"):
+            raise ConfigError(f"doremi.objective: must be paper or official, got {self.objective!r}")
+        if self.order not in ("auto", "paper", "lagged"):
+            raise ConfigError(f"doremi.order: must be auto, paper or lagged, got {self.order!r}")
 
 
 @dataclass
@@ -154,10 +185,17 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    doremi: DoReMiConfig = field(default_factory=DoReMiConfig)
 
     def validate(self) -> None:
         if not self.run_dir:
             raise ConfigError("run_dir: required")
+        if self.doremi.enabled and self.doremi.order == "paper" and (
+                self.train.grad_accum > 1 or self.parallel.pipeline_stages > 1):
+            raise ConfigError(
+                "doremi.order=paper updates alpha between the forward and the backward of the step's only "
+                "micro-batch; with train.grad_accum > 1 or pipeline stages the loss of step t must use alpha_{t-1} "
+                "(doremi.order=lagged, or auto)")
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):

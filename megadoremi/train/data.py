@@ -13,11 +13,14 @@ from megadoremi.data.sampler import rank_slice
 from megadoremi.train.plan import BatchPlan
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack samples: tokens (batch, seq + 1) int64, domain_ids (batch,) int64."""
+def collate(items: list[dict], positions=None) -> dict:
+    """Stack samples: tokens (batch, seq + 1) int64, domain_ids (batch,) int64, and their stream positions."""
     tokens = torch.from_numpy(np.stack([np.asarray(item["tokens"], dtype=np.int64) for item in items]))
     domain_ids = torch.tensor([int(item["domain_id"]) for item in items], dtype=torch.int64)
-    return {"tokens": tokens, "domain_ids": domain_ids}
+    batch = {"tokens": tokens, "domain_ids": domain_ids}
+    if positions is not None:
+        batch["positions"] = torch.as_tensor(list(positions), dtype=torch.int64)
+    return batch
 
 
 class TrainBatches:
@@ -43,7 +46,8 @@ class TrainBatches:
         batches = []
         for micro in range(plan.grad_accum):
             first = start + micro * plan.micro_batch_size
-            batches.append(collate([self.dataset[i] for i in range(first, first + plan.micro_batch_size)]))
+            positions = range(first, first + plan.micro_batch_size)
+            batches.append(collate([self.dataset[i] for i in positions], positions))
         return batches
 
 

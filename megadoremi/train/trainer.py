@@ -157,7 +157,10 @@ class Trainer:
         self.num_parameters = self.model_config.num_parameters()
 
     def _pipeline_loss(self, logits: torch.Tensor, labels) -> torch.Tensor:
-        """Loss on the last pipeline stage: labels = (targets (batch, seq), domain_ids (batch,))."""
+        """Loss on the last pipeline stage: labels = (targets (batch, seq), domain_ids (batch,)), plus the
+        reference losses for a DoReMi proxy's training micro-batches."""
+        if len(labels) == 3:
+            return self.dro.pipeline_loss(logits, labels)
         targets, domain_ids = labels
         losses = token_losses(logits, targets)
         self.loss_stats.add(losses, domain_ids)
@@ -177,6 +180,12 @@ class Trainer:
     def train_step(self, step: int) -> None:
         micro_batches = self.batches.micro_batches(step)
         self.loss_stats.reset()
+        if self.dro is not None:
+            if self.pipeline:
+                self.dro.pipeline_train_step(micro_batches)
+            else:
+                self.dro.train_step(micro_batches)
+            return
         if self.pipeline:
             self.engine.train_batch(data_iter=self._pipeline_items(micro_batches))
             return
@@ -232,8 +241,11 @@ class Trainer:
         return bool(flag.item() > 0)
 
     def trainer_state(self, step: int) -> dict:
-        return {"step": step, "samples_consumed": step * self.plan.global_batch_size,
-                "global_batch_size": self.plan.global_batch_size, "domain_names": self.domain_names}
+        state = {"step": step, "samples_consumed": step * self.plan.global_batch_size,
+                 "global_batch_size": self.plan.global_batch_size, "domain_names": self.domain_names}
+        if self.dro is not None:
+            state["doremi"] = self.dro.state_dict()
+        return state
 
     def save(self, step: int) -> None:
         ckpt.save_checkpoint(self.engine, self.checkpoint_dir, step, self.trainer_state(step), self.rank,
@@ -250,6 +262,11 @@ class Trainer:
         self._barrier()
         self.build_data()
         self.build_engine()
+        self.dro = None
+        if self.config.doremi.enabled:
+            from megadoremi.doremi.proxy import DROHook
+
+            self.dro = DROHook(self)
         self.batches = TrainBatches(self.train_dataset, self.plan, self.dp_rank)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
         self.start_step = 0
@@ -262,8 +279,10 @@ class Trainer:
                     f"this run has {self.plan.global_batch_size}; the data position would not match"
                 )
             self.start_step = state["step"]
+            if self.dro is not None:
+                self.dro.load_state_dict(state["doremi"])
             if self.rank == 0:
-                for name in ("metrics.jsonl", "eval.jsonl"):
+                for name in ("metrics.jsonl", "eval.jsonl", "doremi_trajectory.jsonl"):
                     truncate_jsonl(os.path.join(self.run_dir, name), self.start_step)
         logger.info(
             "model %s: %.1fM parameters | world %d = %d pipeline x %d data-parallel | global batch %d x %d tokens"
@@ -287,6 +306,8 @@ class Trainer:
             sums, counts = self._pipeline_reduced() if self.pipeline else self.loss_stats.reduced(self.dp_group)
             elapsed = time.perf_counter() - started
             step += 1
+            if self.dro is not None:
+                self.dro.append_trajectory()
             loss = float(sums.sum() / counts.sum())
             if step % config.train.log_interval == 0 or step == steps:
                 self._log_step(step, loss, lr, elapsed, sums, counts)
@@ -304,6 +325,13 @@ class Trainer:
             summary.update(status="completed", step=step)
             summary["eval"] = self.evaluate(step)
             summary["final_loss"] = loss if steps > self.start_step else None
+            if self.dro is not None:
+                summary["domain_weights"] = self.dro.write_outputs()
+            if self.config.checkpoint.export_model:
+                from megadoremi.train.export import export_model
+
+                export_model(self.engine, self.model_config, self.run_dir, self.rank, self.pipeline,
+                             self.config.parallel.zero_stage)
         if self.rank == 0 and summary["status"] == "completed":
             with atomic_output(os.path.join(self.run_dir, "final.json"), "w") as handle:
                 json.dump(summary, handle, indent=1)
@@ -319,6 +347,8 @@ class Trainer:
                   "samples": step * self.plan.global_batch_size}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        if self.dro is not None:
+            record.update(self.dro.metrics())
         self.metrics.train(record)
         logger.info("step %d/%d | loss %.4f | lr %.3e | %.0f tokens/s%s", step, self.config.train.steps, loss, lr,
                     tokens_per_second, f" | grad norm {float(grad_norm):.3f}" if grad_norm is not None else "")

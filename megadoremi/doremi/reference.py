@@ -1,0 +1,118 @@
+"""Reference per-token losses for the proxy: a frozen reference model run forward on each batch (live), or a
+cache computed once (``tools/compute_reference_losses.py``) and memory-mapped during the proxy run.
+
+The cache is one float32 array (samples, seq_length) indexed by the sample's position in the proxy's training
+stream (step x global batch + offset), so it serves any parallel layout. Its JSON description records the
+reference model's md5 and the data stream's identity; a mismatch is an error, never a silent reuse.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+from megadoremi.model.gpt import GPT, GPTConfig, token_losses
+from megadoremi.train.export import load_exported_model
+
+CACHE_FORMAT_VERSION = 1
+
+
+def file_md5(path: str, chunk_bytes: int = 1 << 24) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def reference_model_path(path: str) -> str:
+    return os.path.join(path, "model.pt") if os.path.isdir(path) else path
+
+
+def check_reference_config(reference: GPTConfig, proxy: GPTConfig, path: str) -> None:
+    """The reference must have the proxy's vocabulary and shape; say which field differs."""
+    if reference.vocab_size != proxy.vocab_size:
+        raise ValueError(
+            f"doremi.reference_model: {path} has vocabulary size {reference.vocab_size}, this run's tokenizer has "
+            f"{proxy.vocab_size}; excess losses (and DoReMi weights) do not transfer across vocabularies"
+        )
+    for field in ("num_layers", "num_heads", "head_dim", "d_model", "ffn_dim", "mlp", "norm", "tied_embeddings"):
+        if getattr(reference, field) != getattr(proxy, field):
+            raise ValueError(
+                f"doremi.reference_model: {path} has {field}={getattr(reference, field)!r}, the proxy has "
+                f"{getattr(proxy, field)!r}; train the reference with the proxy's model preset"
+            )
+
+
+class LiveReference:
+    """A frozen reference GPT on this rank (ZeRO-3 partitioned when the proxy is)."""
+
+    def __init__(self, path: str, proxy_config: GPTConfig, device, dtype, zero3_ds_config: dict | None = None):
+        path = reference_model_path(path)
+        config, state = load_exported_model(path)
+        check_reference_config(config, proxy_config, path)
+        self.device, self.engine = device, None
+        if zero3_ds_config is not None:
+            import deepspeed
+
+            with deepspeed.zero.Init(config_dict_or_path=zero3_ds_config):
+                model = GPT(config)
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    model.load_state_dict(state)
+            model.requires_grad_(False)
+            inference_config = {key: zero3_ds_config[key] for key in
+                                ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                                 "bf16", "zero_optimization") if key in zero3_ds_config}
+            self.engine, _, _, _ = deepspeed.initialize(model=model, config=inference_config)
+            self.engine.eval()
+            self.model = self.engine
+        else:
+            model = GPT(config)
+            model.load_state_dict(state)
+            self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def losses(self, batch: dict) -> torch.Tensor:
+        """Per-token reference losses (batch, seq) in float32."""
+        tokens = batch["tokens"].to(self.device)
+        return token_losses(self.model(tokens[:, :-1]), tokens[:, 1:]).float()
+
+
+def stream_identity(config, global_batch_size: int) -> dict:
+    """What determines the proxy's sample stream (the cache's rows)."""
+    data, train = config.data, config.train
+    return {"domains": dict(data.domains), "weights": data.weights, "split": data.split, "seed": train.seed,
+            "seq_length": train.seq_length, "num_samples": train.steps * global_batch_size}
+
+
+class CachedReference:
+    """Memory-mapped per-token reference losses, rows = positions in the proxy's training stream."""
+
+    def __init__(self, path: str, expected_identity: dict, reference_md5: str | None):
+        meta_path = path + ".json"
+        if not os.path.exists(meta_path) or not os.path.exists(path + ".npy"):
+            raise FileNotFoundError(f"doremi.reference_losses: {path}.npy/.json not found (compute it with "
+                                    "tools/compute_reference_losses.py)")
+        with open(meta_path) as handle:
+            meta = json.load(handle)
+        if meta.get("version") != CACHE_FORMAT_VERSION:
+            raise ValueError(f"doremi.reference_losses: {meta_path}: unsupported cache version {meta.get('version')}")
+        if json.loads(json.dumps(expected_identity)) != meta["stream"]:
+            diff = sorted(k for k in expected_identity if meta["stream"].get(k) != json.loads(
+                json.dumps(expected_identity))[k])
+            raise ValueError(f"doremi.reference_losses: {path} was computed for another data stream "
+                             f"(differs in {diff}); recompute it")
+        if reference_md5 is not None and meta["reference_md5"] != reference_md5:
+            raise ValueError(f"doremi.reference_losses: {path} was computed with another reference model "
+                             f"(md5 {meta['reference_md5']}, doremi.reference_model has {reference_md5})")
+        self.losses_array = np.load(path + ".npy", mmap_mode="r")
+
+    def losses(self, batch: dict) -> torch.Tensor:
+        positions = batch["positions"].numpy()
+        if positions.max() >= self.losses_array.shape[0]:
+            raise IndexError(f"reference-loss cache has {self.losses_array.shape[0]} rows, position "
+                             f"{positions.max()} requested")
+        return torch.from_numpy(np.ascontiguousarray(self.losses_array[positions], dtype=np.float32))

@@ -78,8 +78,11 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     log_interval: int = 1
+    exit_interval: int = 0  # checkpoint and exit after a step divisible by this (Megatron's --exit-interval)
 
     def validate(self) -> None:
+        if self.exit_interval < 0:
+            raise ConfigError(f"train.exit_interval: must be >= 0, got {self.exit_interval}")
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_length", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")

@@ -314,11 +314,13 @@ class Trainer:
             if config.eval.interval and step % config.eval.interval == 0 and step < steps:
                 self.evaluate(step)
             stop = self._stop_requested()
-            if (config.checkpoint.interval and step % config.checkpoint.interval == 0) or stop or step == steps:
+            exit_now = bool(config.train.exit_interval and step % config.train.exit_interval == 0 and step < steps)
+            if (config.checkpoint.interval and step % config.checkpoint.interval == 0) or stop or exit_now \
+                    or step == steps:
                 self.save(step)
-            if stop:
-                logger.warning("received %s: checkpointed at step %d and stopping", self.stop_flag.raised or "stop",
-                               step)
+            if stop or exit_now:
+                reason = f"received {self.stop_flag.raised or 'a stop signal'}" if stop else "train.exit_interval"
+                logger.warning("%s: checkpointed at step %d and stopping", reason, step)
                 summary.update(status="stopped", step=step, signal=self.stop_flag.raised)
                 break
         else:

@@ -9,6 +9,10 @@ import sys
 
 import yaml
 
+# Exit status after a SIGUSR1/SIGTERM checkpoint: "not finished, run me again" (sysexits' EX_TEMPFAIL).
+# slurm/common.sh requeues the job on it; the requeued job resumes from the checkpoint (--resume auto).
+EXIT_REQUEUE = 75
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="megadoremi-train", description=__doc__.splitlines()[0])
@@ -71,6 +75,8 @@ def main(argv=None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if summary["status"] == "stopped" and summary.get("signal"):
+        return EXIT_REQUEUE
     return 0 if summary["status"] in ("completed", "stopped") else 1
 
 

@@ -12,6 +12,11 @@ setup(
     extras_require={"mpi": ["mpi4py"], "train": ["deepspeed"]},
     entry_points={
         "console_scripts": [
+            "megadoremi-train=megadoremi.train.__main__:main",
+            "megadoremi-pipeline=megadoremi.pipeline:main",
+            "megadoremi-demo=megadoremi.demo:main",
+            "megadoremi-compute-reference-losses=megadoremi.tools.compute_reference_losses:main",
+            "megadoremi-plan-memory=megadoremi.tools.plan_memory:main",
             "megadoremi-preprocess=megadoremi.tools.preprocess_data:main",
             "megadoremi-train-tokenizer=megadoremi.tools.train_tokenizer:main",
             "megadoremi-merge-datasets=megadoremi.tools.merge_datasets:main",

@@ -1,0 +1,297 @@
+"""``megadoremi-pipeline``: DoReMi end to end from a folder of per-domain jsonl files.
+
+    megadoremi-pipeline --corpus DIR --workdir DIR [--preset tiny] [--nproc 2] [--steps N] [--rounds R]
+
+Phases, each a normal training run in its own run directory (resumable, launched with torchrun / mpiexec /
+deepspeed), each skipped when its outputs are complete:
+  tokenizer -> preprocess every domain -> per round r: reference on alpha_ref, DRO proxy -> alpha_bar
+  (round r+1 uses alpha_bar as its alpha_ref; stops early when max |alpha_bar - alpha_ref| < 1e-3)
+  -> two main models with the same budget: baseline (the first alpha_ref) and DoReMi (the last alpha_bar)
+  -> WORKDIR/eval.json and WORKDIR/report.md.
+"""
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from megadoremi.data.indexed_dataset import IndexedDataset
+from megadoremi.utils.fs import atomic_output
+from megadoremi.utils.logging import get_logger
+
+logger = get_logger("megadoremi.pipeline")
+CONVERGENCE_TOLERANCE = 1e-3
+
+
+class PipelineError(RuntimeError):
+    """A problem with the pipeline's inputs, found before any training starts."""
+
+
+def find_domains(corpus_dir: str) -> dict[str, list[str]]:
+    """``<domain>.jsonl[.gz]`` files of the corpus folder (several files may share a domain prefix)."""
+    if not os.path.isdir(corpus_dir):
+        raise PipelineError(f"--corpus {corpus_dir}: not a folder")
+    domains: dict[str, list[str]] = {}
+    for path in sorted(glob.glob(os.path.join(corpus_dir, "*.jsonl")) + glob.glob(os.path.join(corpus_dir, "*.jsonl.gz"))):
+        name = os.path.basename(path).split(".jsonl")[0]
+        domains.setdefault(name, []).append(path)
+    if len(domains) < 2:
+        found = ", ".join(domains) or "none"
+        raise PipelineError(f"--corpus {corpus_dir}: DoReMi needs at least two domains (<domain>.jsonl[.gz] files); "
+                            f"found {len(domains)} ({found})")
+    return domains
+
+
+def _write_json(path: str, data) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_output(path, "w") as handle:
+        json.dump(data, handle, indent=1)
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.args = args
+        self.workdir = os.path.abspath(args.workdir)
+        self.domains = find_domains(args.corpus)
+        self.names = list(self.domains)
+
+    # --- data ----------------------------------------------------------------------------------------------
+
+    def tokenizer(self) -> str:
+        if self.args.tokenizer_model:
+            if not os.path.exists(self.args.tokenizer_model):
+                raise PipelineError(f"--tokenizer-model {self.args.tokenizer_model}: not found")
+            return os.path.abspath(self.args.tokenizer_model)
+        model = os.path.join(self.workdir, "tokenizer.model")
+        if not os.path.exists(model):
+            from megadoremi.data.tokenizer import train_tokenizer
+
+            logger.info("phase tokenizer: training %d pieces on %s", self.args.vocab_size, self.args.corpus)
+            train_tokenizer(self.args.corpus, os.path.join(self.workdir, "tokenizer"), self.args.vocab_size, seed=0)
+        return model
+
+    def preprocess(self, tokenizer_model: str) -> dict[str, str]:
+        from megadoremi.data.preprocess import PreprocessConfig, run_preprocess
+        from megadoremi.data.tokenizer import Tokenizer
+
+        fingerprint = Tokenizer(tokenizer_model).fingerprint
+        stamp_path = os.path.join(self.workdir, "data", "datasets.json")
+        stamp = json.load(open(stamp_path)) if os.path.exists(stamp_path) else {}
+        prefixes = {}
+        for name, files in self.domains.items():
+            output_prefix = os.path.join(self.workdir, "data", name)
+            prefix = f"{output_prefix}_text_document"
+            done = stamp.get(name) == fingerprint and IndexedDataset.exists(prefix)
+            if not done:
+                logger.info("phase preprocess: %s (%d file(s))", name, len(files))
+                run_preprocess(PreprocessConfig(inputs=files, output_prefix=output_prefix,
+                                                tokenizer_model=tokenizer_model, append_eod=True,
+                                                workers=self.args.workers, distributed="off"))
+                stamp[name] = fingerprint
+                _write_json(stamp_path, stamp)
+            prefixes[name] = prefix
+        return prefixes
+
+    def natural_weights(self, prefixes: dict[str, str]) -> dict[str, float]:
+        tokens = {name: IndexedDataset(prefix).num_tokens for name, prefix in prefixes.items()}
+        total = sum(tokens.values())
+        return {name: count / total for name, count in tokens.items()}
+
+    # --- training phases -------------------------------------------------------------------------------
+
+    def base_config(self, tokenizer_model: str, prefixes: dict[str, str]) -> dict:
+        args = self.args
+        config = {
+            "model": {"preset": args.preset},
+            "data": {"tokenizer_model": tokenizer_model, "domains": prefixes, "split": args.split,
+                     "cache_dir": os.path.join(self.workdir, "index-cache")},
+            "train": {"steps": args.steps, "micro_batch_size": args.micro_batch_size, "grad_accum": 1,
+                      "seq_length": args.seq_length, "lr": args.lr, "min_lr": args.lr / 10, "seed": args.seed,
+                      "log_interval": max(1, args.steps // 20)},
+            "parallel": {"zero_stage": args.zero_stage, "pipeline_stages": 1},
+            "eval": {"interval": 0, "max_samples_per_domain": args.eval_samples},
+            "checkpoint": {"interval": max(1, args.steps // 4), "keep_last": 1},
+        }
+        for override in args.set:
+            key, _, value = override.partition("=")
+            node = config
+            *parents, leaf = key.lstrip("-").split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        return config
+
+    def launch(self, run_dir: str, config: dict) -> dict:
+        """Run one training phase (or reuse it when finished); returns its final.json."""
+        final = os.path.join(run_dir, "final.json")
+        if os.path.exists(final):
+            logger.info("phase %s: complete, reusing", os.path.relpath(run_dir, self.workdir))
+            return json.load(open(final))
+        os.makedirs(run_dir, exist_ok=True)
+        config = {**config, "run_dir": run_dir}
+        config_path = os.path.join(run_dir, "phase_config.yaml")
+        with atomic_output(config_path, "w") as handle:
+            yaml.safe_dump(config, handle, sort_keys=False)
+        bindir = os.path.dirname(sys.executable)
+        nproc = self.args.nproc
+        if self.args.launcher == "torchrun":
+            command = [os.path.join(bindir, "torchrun"), "--nproc-per-node", str(nproc), "--master-port",
+                       str(_free_port()), "-m", "megadoremi.train", config_path]
+        elif self.args.launcher == "mpiexec":
+            command = [os.path.join(bindir, "mpiexec"), "-n", str(nproc), sys.executable, "-m", "megadoremi.train",
+                       config_path]
+        elif self.args.launcher == "deepspeed":
+            command = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+                       str(_free_port()), "--module", "megadoremi.train", config_path]
+        else:
+            command = [sys.executable, "-m", "megadoremi.train", config_path]
+        logger.info("phase %s: %s", os.path.relpath(run_dir, self.workdir), " ".join(command))
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        result = subprocess.run(command + ["--resume", "auto"], env=env)
+        if result.returncode != 0 or not os.path.exists(final):
+            raise RuntimeError(f"phase {run_dir} failed (exit status {result.returncode}); see its output above. "
+                               "Rerunning the pipeline resumes it from its last checkpoint.")
+        return json.load(open(final))
+
+    def run(self) -> dict:
+        args = self.args
+        tokenizer_model = self.tokenizer()
+        prefixes = self.preprocess(tokenizer_model)
+        base = self.base_config(tokenizer_model, prefixes)
+        if args.reference_weights == "natural":
+            alpha_ref = self.natural_weights(prefixes)
+        else:
+            alpha_ref = {name: 1.0 / len(self.names) for name in self.names}
+        baseline_weights = dict(alpha_ref)
+        rounds = []
+        for round_index in range(1, args.rounds + 1):
+            round_dir = os.path.join(self.workdir, "runs", f"round{round_index}")
+            ref_weights_path = os.path.join(round_dir, "alpha_ref.json")
+            _write_json(ref_weights_path, alpha_ref)
+            reference_dir = os.path.join(round_dir, "reference")
+            proxy_dir = os.path.join(round_dir, "proxy")
+            self.launch(reference_dir, {**base, "data": {**base["data"], "weights": ref_weights_path}})
+            proxy = self.launch(proxy_dir, {
+                **base, "data": {**base["data"], "weights": ref_weights_path},
+                "doremi": {"enabled": True, "reference_model": reference_dir, "step_size": args.step_size,
+                           "smoothing": args.smoothing},
+            })
+            alpha_bar = proxy["domain_weights"]
+            change = max(abs(alpha_bar[name] - alpha_ref[name]) for name in self.names)
+            rounds.append({"round": round_index, "alpha_ref": alpha_ref, "alpha_bar": alpha_bar,
+                           "max_change": change, "weights_file": os.path.join(proxy_dir, "domain_weights.json")})
+            logger.info("round %d: max |alpha_bar - alpha_ref| = %.4g", round_index, change)
+            if change < CONVERGENCE_TOLERANCE:
+                logger.info("DoReMi converged after %d round(s)", round_index)
+                break
+            alpha_ref = alpha_bar
+        final_weights = rounds[-1]["weights_file"]
+        main_base = {**base, "model": {"preset": args.main_preset or args.preset}}
+        baseline_path = os.path.join(self.workdir, "runs", "baseline_weights.json")
+        _write_json(baseline_path, baseline_weights)
+        baseline = self.launch(os.path.join(self.workdir, "runs", "main_baseline"),
+                               {**main_base, "data": {**base["data"], "weights": baseline_path}})
+        doremi = self.launch(os.path.join(self.workdir, "runs", "main_doremi"),
+                             {**main_base, "data": {**base["data"], "weights": final_weights}})
+        evaluation = {"baseline": baseline["eval"]["val_loss"], "doremi": doremi["eval"]["val_loss"]}
+        _write_json(os.path.join(self.workdir, "eval.json"), evaluation)
+        report = render_report(self.names, rounds, baseline_weights, evaluation, args)
+        with atomic_output(os.path.join(self.workdir, "report.md"), "w") as handle:
+            handle.write(report)
+        return {"rounds": rounds, "eval": evaluation, "report": report}
+
+
+def summarize(losses: dict[str, float]) -> tuple[float, float, str]:
+    worst = max(losses, key=losses.get)
+    return sum(losses.values()) / len(losses), losses[worst], worst
+
+
+def render_report(names, rounds, baseline_weights, evaluation, args) -> str:
+    """report.md: weights per round, per-domain validation loss of both main models, average and worst."""
+    final = rounds[-1]["alpha_bar"]
+    lines = [f"# DoReMi report\n",
+             f"Proxy and reference: `{args.preset}`; main models: `{args.main_preset or args.preset}`; "
+             f"{args.steps} steps each, {args.nproc} ranks, sequence length {args.seq_length}. "
+             f"Reference mixture: {args.reference_weights}. Rounds run: {len(rounds)}.\n",
+             "## Domain weights\n",
+             "| domain | baseline (alpha_ref, round 1) | " + " | ".join(
+                 f"round {r['round']} alpha_bar" for r in rounds) + " |",
+             "|---|---|" + "---|" * len(rounds)]
+    for name in names:
+        lines.append(f"| {name} | {baseline_weights[name]:.4f} | " + " | ".join(
+            f"{r['alpha_bar'][name]:.4f}" for r in rounds) + " |")
+    lines += ["", "Round convergence (max |alpha_bar - alpha_ref|): " + ", ".join(
+        f"round {r['round']}: {r['max_change']:.4g}" for r in rounds) + "\n"]
+    baseline, doremi = evaluation["baseline"], evaluation["doremi"]
+    lines += ["## Validation loss of the main models (per token, nats)\n",
+              "| domain | baseline | DoReMi | DoReMi - baseline |", "|---|---|---|---|"]
+    for name in names:
+        lines.append(f"| {name} | {baseline[name]:.4f} | {doremi[name]:.4f} | {doremi[name] - baseline[name]:+.4f} |")
+    base_avg, base_worst, base_worst_name = summarize(baseline)
+    dor_avg, dor_worst, dor_worst_name = summarize(doremi)
+    lines += [f"| **average** | {base_avg:.4f} | {dor_avg:.4f} | {dor_avg - base_avg:+.4f} |",
+              f"| **worst** | {base_worst:.4f} ({base_worst_name}) | {dor_worst:.4f} ({dor_worst_name}) | "
+              f"{dor_worst - base_worst:+.4f} |", ""]
+    better_domains = sum(doremi[n] < baseline[n] for n in names)
+    verdict_avg = "beats" if dor_avg < base_avg else "does not beat"
+    verdict_worst = "beats" if dor_worst < base_worst else "does not beat"
+    down = [n for n in names if final[n] < baseline_weights[n]]
+    lines += ["## Verdict\n",
+              f"The DoReMi main model {verdict_avg} the baseline on average validation loss "
+              f"({dor_avg:.4f} vs {base_avg:.4f}) and {verdict_worst} it on the worst domain "
+              f"({dor_worst:.4f} vs {base_worst:.4f}); it is better on {better_domains} of {len(names)} domains. "
+              f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}.\n"]
+    return "\n".join(lines)
+
+
+def _free_port() -> int:
+    from megadoremi.distributed.env import free_port
+
+    return free_port()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megadoremi-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True, help="folder with one <domain>.jsonl[.gz] per domain")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--preset", default="tiny", help="reference and proxy model preset")
+    parser.add_argument("--main-preset", default=None, help="main models' preset (default: --preset)")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--launcher", default="torchrun", choices=["torchrun", "mpiexec", "deepspeed", "python"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--tokenizer-model", default=None, help="use this SentencePiece model instead of training one")
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
+    parser.add_argument("--reference-weights", default="uniform", choices=["uniform", "natural"])
+    parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--split", default="95,5,0")
+    parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--eval-samples", type=int, default=64, help="validation samples per domain")
+    parser.add_argument("--step-size", type=float, default=1.0, help="DoReMi eta")
+    parser.add_argument("--smoothing", type=float, default=1e-3, help="DoReMi c")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra config override for every phase (repeatable)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = Pipeline(args).run()
+    except PipelineError as error:
+        print(f"megadoremi-pipeline: error: {error}", file=sys.stderr)
+        return 2
+    print(result["report"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

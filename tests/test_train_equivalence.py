@@ -2,7 +2,7 @@
 
 Reference: 1 rank, micro-batch 8. Every other layout sees the same 8-sample global batches, so the first 5
 steps' losses must agree to 1e-4 relative: ZeRO-0 vs ZeRO-3, 2 ranks x 4 vs 1 rank x 8, 2 accumulation steps x 4
-vs 1 x 8, and 2 pipeline stages vs no pipeline.
+vs 1 x 8, 2 pipeline stages vs no pipeline, and activation checkpointing on vs off.
 """
 
 import os
@@ -21,6 +21,8 @@ LAYOUTS = {
     "1rank_micro4_accum2": ("python", 1, ["--train.micro_batch_size=4", "--train.grad_accum=2"]),
     "pipeline2_micro4_accum2": ("torchrun", 2, ["--train.micro_batch_size=4", "--train.grad_accum=2",
                                                 "--parallel.pipeline_stages=2", "--parallel.zero_stage=1"]),
+    "1rank_micro8_activation_checkpointing": ("python", 1, ["--train.micro_batch_size=8",
+                                                            "--model.activation_checkpointing=true"]),
 }
 
 

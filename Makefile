@@ -24,6 +24,8 @@ $(STAMP): setup.py requirements-test.txt
 	# megatron-core is a test-only oracle for file formats and blending: no deps, never imported by the package.
 	$(PIP) install --quiet --no-deps megatron-core
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	# DeepSpeed JIT-compiles its CPU shared-memory comm op at the first distributed start: do it now, once.
+	$(PY) -c "from megadoremi.distributed.env import prebuild_deepspeed_ops; prebuild_deepspeed_ops()"
 	touch $(STAMP)
 
 test: venv
@@ -34,3 +36,15 @@ demo: venv
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# The slurm/ scripts against a one-node Slurm cluster the tests start (a few minutes on 2 cores). Installs Debian's
+# slurm-wlm and munge when missing (root); if that fails the tests fail and say so.
+.PHONY: test-slurm
+test-slurm: venv
+	@if ! PATH="$$PATH:/usr/sbin:/sbin" sh -c 'command -v slurmctld && command -v munged && command -v sbatch' \
+			>/dev/null 2>&1; then \
+		echo "test-slurm: installing slurm-wlm and munge with apt-get"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; } \
+			|| echo "test-slurm: could not install slurm-wlm and munge (apt-get as root); the Slurm tests will fail" >&2; \
+	fi
+	MEGADOREMI_SLURM_TESTS=1 $(PY) -m pytest -q tests/slurm

@@ -156,3 +156,13 @@ def init_distributed(env: DistributedEnv | None = None, backend: str | None = No
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     return env
+
+
+def prebuild_deepspeed_ops() -> None:
+    """Compile the ops DeepSpeed would otherwise JIT-compile at the first distributed start (set-up time)."""
+    import deepspeed  # noqa: F401  (selects the accelerator)
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible():
+        builder.load(verbose=False)

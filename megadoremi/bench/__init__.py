@@ -1,0 +1,1 @@
+"""Benchmarks: training throughput, MFU and the framework's overhead over a bare PyTorch loop."""

@@ -1,0 +1,85 @@
+"""tools/bench_train.py: the FLOPs formula against hand counts, the peak table, and a 3-step tiny run whose JSON
+has every field, positive and finite (no wall-time assertions: this machine is shared)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megadoremi.bench.train_bench import flops_per_token, format_report, lookup_peak_tflops
+from megadoremi.model.gpt import GPTConfig
+from tests.helpers.launch import REPO_ROOT, clean_env
+
+TOOL = os.path.join(REPO_ROOT, "tools", "bench_train.py")
+
+
+def test_flops_per_token_by_hand():
+    config = GPTConfig(vocab_size=100, num_layers=2, num_heads=4, head_dim=16, d_model=64, ffn_dim=256)
+    flops = flops_per_token(config, seq_length=32)
+    # Per layer: qkv 3*64*64 = 12,288 + output 64*64 = 4,096 + MLP 2*64*256 = 32,768 -> 49,152.
+    # Logits: 64 * 128 (vocabulary 100 padded to 128) = 8,192. Two layers + logits = 106,496.
+    assert flops.matmul_parameters == 106_496
+    assert flops.dense == 6 * 106_496 == 638_976
+    # QK^T + AV: 2 * 2 * seq * inner forward per layer per token, x3 with backward: 12 * 2 * 64 * 32.
+    assert flops.attention == 49_152
+    assert flops.total == 688_128
+
+
+def test_flops_counts_inner_width_swiglu_and_untied_logits():
+    # inner (heads * head_dim = 32) differs from d_model (64): the attention matrices are d x inner.
+    config = GPTConfig(vocab_size=128, num_layers=1, num_heads=2, head_dim=16, d_model=64, ffn_dim=128,
+                       mlp="swiglu", tied_embeddings=False)
+    flops = flops_per_token(config, seq_length=10)
+    # qkv 3*64*32 = 6,144 + output 32*64 = 2,048 + SwiGLU 3*64*128 = 24,576; logits 64*128 = 8,192 (counted once,
+    # tied or not; the embedding lookup is not a matmul).
+    assert flops.matmul_parameters == 6_144 + 2_048 + 24_576 + 8_192
+    assert flops.attention == 12 * 1 * 32 * 10
+
+
+@pytest.mark.parametrize("name, bf16, expected", [
+    ("NVIDIA H100 80GB HBM3", True, 989.0),
+    ("NVIDIA H100 80GB HBM3", False, 67.0),
+    ("NVIDIA H100 PCIe", True, 756.0),
+    ("NVIDIA H200", True, 989.0),
+    ("NVIDIA A100-SXM4-80GB", True, 312.0),
+    ("Tesla V100-SXM2-32GB", True, None),
+])
+def test_peak_lookup(name, bf16, expected):
+    assert lookup_peak_tflops(name, bf16) == expected
+
+
+def test_tiny_run_reports_every_field():
+    command = [sys.executable, TOOL, "--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
+               "--steps", "3", "--warmup-steps", "1", "--block-steps", "2", "--json", "-"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)  # stdout holds only the JSON (DeepSpeed's prints go to stderr)
+    positive = ["tokens_per_second", "step_time_s", "mfu", "flops_per_token", "ratio_framework_over_bare",
+                "ratio_framework_over_bare_paired", "ratio_framework_over_bare_cpu_time", "peak_tflops_total",
+                "achieved_tflops", "measured_gemm_tflops_total", "measured_gemm_tflops_per_cpu_second"]
+    for key in positive:
+        assert math.isfinite(report[key]) and report[key] > 0, (key, report[key])
+    for side in ("framework", "bare"):
+        for key in ("tokens_per_second", "step_time_s", "mfu", "cpu_time_s", "mfu_cpu_time"):
+            assert math.isfinite(report[side][key]) and report[side][key] > 0, (side, key)
+        assert len(report[side]["step_times_s"]) == 3
+    for key in ("device", "torch_version", "deepspeed_version", "date", "command", "flops_formula", "peak_source"):
+        assert isinstance(report[key], str) and report[key], key
+    assert report["flops_per_token"] == flops_per_token(
+        GPTConfig(vocab_size=512, num_layers=2, num_heads=4, head_dim=16, d_model=64, ffn_dim=256), 32).total
+    assert report["tokens_per_step"] == 64 and report["world_size"] == 1 and report["precision"] == "fp32"
+    assert set(report["framework"]["breakdown_s"]) == {"data", "forward_backward_step", "loss_reduce", "log",
+                                                       "stop_check"}
+    # One rank, fp32, same seed and batches: the bare loop does the framework's arithmetic.
+    assert report["loss_max_abs_diff"] < 1e-4
+    assert "ratio framework / bare step time" in format_report(report)
+
+
+def test_bad_option_is_one_clear_error():
+    result = subprocess.run([sys.executable, TOOL, "--steps", "0"], cwd=REPO_ROOT, env=clean_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "bench_train: --steps: must be positive, got 0"

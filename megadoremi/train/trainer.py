@@ -149,6 +149,9 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=self._param_groups(model), config=self.ds_config, lr_scheduler=schedule,
         )
+        if not self.pipeline and self.plan.data_parallel_size == 1 and self.config.parallel.zero_stage == 0:
+            # One replica: DeepSpeed would still flatten, "all-reduce" and unflatten every gradient each step.
+            self.engine.enable_backward_allreduce = False
         if self.pipeline:
             self.dp_rank = self.engine.grid.get_data_parallel_rank()
             self.dp_group = self.engine.grid.get_data_parallel_group()

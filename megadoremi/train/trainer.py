@@ -296,8 +296,9 @@ class Trainer:
 
     def run(self) -> dict:
         """Train to ``train.steps`` (or until a stop signal); returns a summary."""
-        self.setup()
+        # Install the handlers first: a SIGUSR1 during set-up is then acted on after the first step.
         self.stop_flag.install()
+        self.setup()
         config = self.config
         steps = config.train.steps
         summary = {"status": "running", "start_step": self.start_step}

@@ -5,6 +5,8 @@ The same command runs under ``deepspeed --module``, ``torchrun -m``, ``srun`` an
 
 import argparse
 import json
+import logging
+import os
 import sys
 
 import yaml
@@ -72,12 +74,17 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"megadoremi-train: config error: {error}", file=sys.stderr)
         return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     if summary["status"] == "stopped" and summary.get("signal"):
-        return EXIT_REQUEUE
-    return 0 if summary["status"] in ("completed", "stopped") else 1
+        code = EXIT_REQUEUE
+    else:
+        code = 0 if summary["status"] in ("completed", "stopped") else 1
+    # Everything is written and closed. Leave without running C++ static destructors: tearing down gloo's
+    # process group at interpreter exit still aborted a rank now and then (std::terminate from a joinable
+    # thread), turning a finished run into a failure.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

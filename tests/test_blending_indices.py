@@ -37,6 +37,7 @@ WEIGHTS = {
     "dyadic": np.array([0.5, 0.125, 0.125, 0.25]),
     "sevenths": normalize_weights([1, 2, 4]),
     "skewed": normalize_weights([100, 10, 1, 1, 0.1]),
+    "near_ties": normalize_weights([0.25 + 1e-13, 0.25, 0.25 - 1e-13, 0.25, 1e-3]),  # errors a few ulps apart
     "pile": normalize_weights(PILE_WEIGHTS),
     "doremi_a": _doremi_like(1),
     "doremi_b": _doremi_like(2),

@@ -16,17 +16,16 @@ A Python loop over 10^8 samples is ~100x too slow, and no static formula reprodu
    split over threads (numpy releases the GIL). The errors are computed with the very operations the C++
    performs (one IEEE double multiply, one subtract; no FMA), so every comparison agrees. The argmax with
    lowest-index ties is an exact bit code: indicator(error == max) times 2^(K-1-k), summed by a BLAS gemv (a sum
-   of distinct powers of two is exact), highest set bit = lowest tied k.
+   of distinct powers of two is exact), highest set bit = lowest tied k. Most steps are decided on cheaper
+   float32 running errors with a proven error bound (``_Screen``); near-ties fall back to the exact errors.
 3. Slow domains' lane starts are corrected from the picks the lanes themselves recorded, and changed lanes are
    re-run (a slow domain off by one pick makes a lane differ until that pick, often to its end).
 4. Settle. A lane's recorded output is the exact greedy *from the start it was simulated from*. Where that start
    differs from the previous lane's end state, the lane is re-simulated from the true start until both runs hold
    the same count vector at the same step; from there they coincide (the greedy is deterministic), so the rest of
-   the recorded lane is kept. Where the remaining difference only involves domains that a scan of the recorded
-   lane shows cannot win a step before some point, the lane is only re-simulated from that point (or not at
-   all, the difference being carried to its end). A slow-domain difference found at a lane's end is also
-   applied to the following lanes that recorded the same count. Rounds repeat until every lane starts where its
-   predecessor ends.
+   the recorded lane is kept. The greedy forgets a wrong start fast (a frequent domain within ~1/w steps), so
+   this re-simulates a few percent of the samples. Rounds repeat until every lane starts where its predecessor
+   ends.
 
 Why the result is exact: by induction over lanes, once lane j-1's output is the exact greedy from the true start,
 its end state is the true state at lane j's start, and lane j is then brought to the exact greedy from that
@@ -49,19 +48,21 @@ _MAX_STATE_ENTRIES = 1 << 18
 _MIN_LANE_STEPS = 1024
 # Below this many (step, domain) pairs the plain loop is quicker than setting up lanes.
 _REFERENCE_MAX_WORK = 20_000
-# Exact re-simulation steps spent on a lane before its remaining difference is checked lazily.
-_EXACT_BUDGET_STEPS = 256
 # Re-runs of at most this many lanes use a plain Python loop (faster than numpy for so few states).
 _PYTHON_MAX_LANES = 4
+# Steps a lane re-run from a start that may still change gets to re-join its recording before it is undone.
+_SPECULATIVE_STEPS = 256
 # Steps between checks whether a re-simulated lane has re-joined its recorded trajectory.
 _COUPLING_CHECK_STEPS = 8
 _MAX_THREADS = 4
 # Domains picked fewer times than this per lane get their lane-start counts from estimated pick levels.
 _SLOW_PICKS_PER_LANE = 1.0
 # Pilot run that samples the distribution of the maximum error (see _Lanes._pick_levels).
-_PILOT_LANES = 1024
+_PILOT_LANES = 256
 _PILOT_WARMUP_STEPS = 32
 _PILOT_SAMPLE_STEPS = 64
+_PILOT_MAX_STEPS = 384
+_OBSERVED_LANES = 256  # lanes scanned for recorded picks of each slow domain
 # The float32 screen (see _Screen) needs the tie code to fit float32; it is dropped for the rest of a block
 # when its candidate window is wider than this or more than 1/share of the lanes needed exact errors.
 _SCREEN_MAX_DOMAINS = 24
@@ -168,9 +169,9 @@ def _greedy(w: np.ndarray, dataset_index: np.ndarray, dataset_sample_index: np.n
     lanes.first_pass(min(num_threads, max(1, num_lanes // 512)))
     for _ in range(_REFINE_ROUNDS):
         tasks = lanes.refine_slow_counts()
-        if not tasks:
+        if tasks is None:
             break
-        lanes.rerun(tasks[0])
+        lanes.rerun(tasks)
     lanes.settle()
 
 
@@ -267,27 +268,31 @@ class _Screen:
         self.flat_offset = self.offset * num_states + self.states
         self.window = np.float32(0.0)
         self.w_max = float(w.max())
+        self.w_sum = float(np.sum(w))
         self.w_list = w.tolist()
-        self.normalized = abs(float(np.sum(w)) - 1.0) <= 1e-12
 
     def resync(self, errors: np.ndarray, flat: np.ndarray, max_position: float, block_steps: int) -> bool:
         """Start a block from the exact errors (K, M) of its first step, whose choice is ``flat``.
 
+        The bound, for e = fl(fl(w * x) - count) as the C++ computes it and x <= ``max_position``:
+        - over the block, |e| <= ``bound``: no error rises by more than w (plus the product's rounding) a step,
+          a chosen error drops to >= (the maximum) - 1 >= (the mean) - 1, and the mean, (x * sum(w) - i) / K
+          plus roundings, is >= -``drift``; non-chosen errors never fall;
+        - approx - e: fl32 of e at the start, then per step fl32(w), the add and the decrement (2^-24
+          relative each), plus the roundings e itself carries (product: 2^-53 * w * x at either end;
+          subtraction: 2^-53 * |e|), which approx does not follow.
         False if screening would not pay (the candidate window would be too wide).
         """
         top, bottom = float(errors.max()), float(errors.min())
         largest = max(abs(top), abs(bottom))
-        if self.normalized:
-            # No error rises by more than max(w) a step, and the chosen (largest) one, >= mean error ~ 0, drops
-            # to >= -1: so |e| stays below this all block (1e-6 covers the rounding of sum(e) = x * sum(w) - i).
-            bound = max(-bottom, 1.0 + 1e-6, top + block_steps * self.w_max)
-        else:
-            bound = largest + block_steps + 1.0  # |e| moves by less than 1 a step
-        eps32 = 2.0**-24
+        eps32, eps64 = 2.0**-24, 2.0**-53
+        product = 2 * eps64 * self.w_max * max_position  # bound on |fl(w * x) - w * x|, doubled for slack
+        drift = abs(self.w_sum - 1.0) * max_position + self.w.size * product + 1e-12
+        bound = max(-bottom, 1.0 + drift, top + block_steps * (self.w_max + product)) + 1e-9
         tolerance = (
             eps32 * largest  # fl32 of the exact errors
             + block_steps * eps32 * (2 * bound + 3)  # fl32(w) and the add, the decrement, each step
-            + 2.0**-52 * self.w_max * max_position  # the exact errors' own rounding of w * x
+            + 2 * product + 4 * eps64 * (bound + 1)  # the exact errors' own roundings
             + 2.0**-120  # subnormal slack
         )
         window = 1.01 * (2 * tolerance + 4 * eps32 * bound)  # and the rounding of (max - window) itself
@@ -360,6 +365,8 @@ class _Lanes:
         self.lane_stop = np.minimum(self.lane_start + lane_steps, size)
         # The output of lane j is the exact greedy from counts start_counts[:, j]; it ends at end_counts[:, j].
         self.rates = _long_run_rates(w)
+        self.tried = np.zeros(num_lanes, dtype=bool)
+        self.levels_observed = False
         self.start_counts = self._guess_counts(self.lane_start)  # (K, M) int64
         self.start_counts[:, 0] = 0  # the true start of lane 0: everything else is settled against it
         self.end_counts = np.zeros_like(self.start_counts)
@@ -378,12 +385,14 @@ class _Lanes:
         slow = rates * self.lane_steps < _SLOW_PICKS_PER_LANE
         slow[np.argmax(rates)] = False
         self.slow = slow
-        self.late_levels = np.full(rates.size, np.inf)
         self.levels = np.zeros(rates.size)
         if slow.any():
-            levels, self.late_levels = self._pick_levels(slow)
-            self.levels = levels
-            counts[slow] = np.maximum(np.ceil(share[slow] - levels[slow, None]), 0.0)
+            # Guess late rather than early: a lane that starts with the pick still pending records it, which
+            # ``refine_slow_counts`` then trusts; a lane that starts after a pick the greedy has not made yet
+            # tells nothing about when it comes.
+            self.levels, late = self._pick_levels(slow)
+            counts[slow] = np.maximum(np.ceil(share[slow] - late[slow, None]), 0.0)
+            counts[rates == 0] = 0.0  # below the common level: never picked
         missing = starts - counts.sum(axis=0).astype(np.int64)  # (M,), may be < 0 after the slow domains
         remainder = share - counts
         remainder[slow] = -np.inf  # slow domains are settled above: only frequent ones absorb the rest
@@ -391,10 +400,13 @@ class _Lanes:
         counts += rank < missing[None, :]
         num_fast = int((~slow).sum())
         counts -= (rank >= num_fast + missing[None, :]) & (rank < num_fast)  # missing < 0: smallest remainders
-        return counts.astype(np.int64)
+        counts = counts.astype(np.int64)
+        # A wrong total could never re-join the greedy: whatever rounding leaves over goes to the largest domain.
+        counts[np.argmax(rates)] += starts - counts.sum(axis=0)
+        return counts
 
     def _pick_levels(self, slow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Error levels (K,) at which each slow domain is picked half the time and 99% of the time, from a pilot.
+        """Error levels (K,) at which each slow domain is picked half and 99% of the time, from a pilot run.
 
         A slow domain's error creeps up by ``rate`` a step and it is picked the first time the maximum error of
         the others dips below it. With F the distribution of the maximum error, the chance it is still waiting
@@ -412,10 +424,14 @@ class _Lanes:
         chosen, flat = np.empty(num_lanes, dtype=np.int64), np.empty(num_lanes, dtype=np.int64)
         x = starts.astype(np.float64)
         samples = []
-        for step in range(_PILOT_WARMUP_STEPS + _PILOT_SAMPLE_STEPS):
+        # The frequent domains forget their guessed start within ~1/rate steps: warm up past that, then sample.
+        warmup = int(min(_PILOT_MAX_STEPS, _PILOT_WARMUP_STEPS + 2.0 / self.rates[~slow].min()))
+        for step in range(warmup + _PILOT_SAMPLE_STEPS):
             chooser.choose(counts, x, chosen, flat)
-            if step >= _PILOT_WARMUP_STEPS:
-                samples.append(chooser.best.copy())
+            if step >= warmup:
+                # What a slow domain competes with: the frequent domains' maximum error, relative to the mean
+                # error (which drifts by x * (sum(w) - 1) / K when weights do not sum to 1).
+                samples.append(chooser.errors[~slow].max(axis=0) - chooser.errors.mean(axis=0))
             flat_counts[flat] += 1.0
             x += 1.0
         best = np.sort(np.concatenate(samples))
@@ -424,7 +440,7 @@ class _Lanes:
         below = np.arange(best.size)
         g = (best * below - cumulative) / best.size
         median = np.interp(self.rates * np.log(2.0), g, best)
-        late = np.interp(self.rates * np.log(100.0), g, best)
+        late = np.interp(self.rates * np.log(100.0), g, best)  # still waiting 1% of the time
         median[~slow], late[~slow] = 0.0, np.inf
         return median, late
 
@@ -456,8 +472,8 @@ class _Lanes:
     def _first_pass_group(self, first: int, last: int) -> None:
         """Lanes [first, last): simulate lane_steps steps, writing outputs a block of steps at a time.
 
-        The first step of every block is exact and re-synchronises the float32 screen (``_Screen``), which
-        decides the block's other steps unless near-ties make it pointless.
+        Every ``_SCREEN_STEPS``-th step is exact and re-synchronises the float32 screen (``_Screen``), which
+        decides the steps in between unless near-ties make it pointless.
         """
         num = last - first
         steps = self.lane_steps
@@ -512,8 +528,8 @@ class _Lanes:
 
     # ---- settling ----
 
-    def refine_slow_counts(self) -> list:
-        """Correct slow domains' lane-start counts from the first pass's own picks; tasks re-running changed lanes.
+    def refine_slow_counts(self) -> "_Tasks | None":
+        """Correct slow domains' lane-start counts from the first pass's own picks; the changed lanes' re-runs.
 
         Walking the lanes in order with the believed true count c of a slow domain: a lane that recorded c at
         its start shows the true picks of that domain (its other counts re-join the truth long before a slow
@@ -522,7 +538,9 @@ class _Lanes:
         """
         domains = np.flatnonzero(self.slow)
         if domains.size == 0 or self.num_lanes < 2:
-            return []
+            return None
+        if not self.levels_observed:
+            self._observe_levels(domains)
         recorded_start = self.start_counts[domains].tolist()
         recorded_end = self.end_counts[domains].tolist()
         stops = self.lane_stop.tolist()
@@ -545,128 +563,94 @@ class _Lanes:
         change[largest] -= change.sum(axis=0)
         lanes = np.flatnonzero(change.any(axis=0))
         if lanes.size == 0:
-            return []
+            return None
         guess = self.start_counts[:, lanes] + change[:, lanes]
-        tasks = _Tasks(lanes, self.lane_start[lanes], guess, self.start_counts[:, lanes], budget=self.lane_steps)
+        tasks = _Tasks(lanes, self.lane_start[lanes], guess, self.start_counts[:, lanes])
         self.start_counts[:, lanes] = guess
-        return [tasks]
+        return tasks
+
+    def _observe_levels(self, domains: np.ndarray) -> None:
+        """Replace the pilot's pick levels by the levels the first pass recorded, where it recorded enough picks.
+
+        The pilot's estimate assumes the maximum error dips at random; with few frequent domains it does not
+        (one domain next to a dominant one is picked at a fixed level). Picks in a lane's first steps, where a
+        wrong guess may make a domain overdue, are left out.
+        """
+        self.levels_observed = True
+        fast = self.rates[~self.slow]
+        warmup = int(min(self.lane_steps // 2, _PILOT_WARMUP_STEPS + 2.0 / fast.min()))
+        for k in domains:
+            picked = np.flatnonzero(self.end_counts[k, :-1] > self.start_counts[k, :-1])
+            levels = []
+            for lane in picked[:: max(1, picked.size // _OBSERVED_LANES)].tolist():
+                first, stop = int(self.lane_start[lane]) + warmup, int(self.lane_stop[lane])
+                at = first + np.flatnonzero(self.dataset_index[first:stop] == k)
+                levels.extend((self.rates[k] * at - self.dataset_sample_index[at]).tolist())
+            if len(levels) >= 3:
+                self.levels[k] = float(np.median(levels))
 
     def rerun(self, tasks: "_Tasks") -> None:
         """Re-run lanes from new start guesses (start_counts already updated) so their recordings match them."""
-        self._resimulate(tasks, np.zeros(self.num_lanes, dtype=bool), [], [], hand_on=False)
+        self._resimulate(tasks, np.zeros(self.num_lanes, dtype=bool), hand_on=False)
 
     def settle(self) -> None:
         """Bring every lane to the exact greedy from its predecessor's end state (see the module docstring).
 
-        A lane is *active* while a task for it is pending. A lane whose end state changes hands the new state to
-        its successor at once (unless that one is active: the next scan for stale lanes catches it), and a
-        difference in a slow domain is also applied to the following lanes that recorded the same count for it,
-        which are then re-run together: such a difference would otherwise travel lane by lane.
+        Each round re-runs the stale lanes. The first of consecutive stale lanes starts from a final state and
+        runs to the end if need be; the others start from ends that may still change, so they only get a few
+        hundred steps to re-join their recordings (most do within a few steps), once: a lane that does not is
+        put back as it was and waits until it is the first. A lane is *active* while a task for it is pending;
+        a lane whose end state changes hands the new state to its successor at once.
         """
         active = np.zeros(self.num_lanes, dtype=bool)
-        exact = []  # _Tasks to re-run exactly
-        lazy = []  # (lane, pos, true counts (K,), recorded counts (K,), last budget) for _first_deviation
+        tried = self.tried = np.zeros(self.num_lanes, dtype=bool)  # had a speculative attempt from this start
+        tasks = []
         while True:
-            if not exact and not lazy:
+            if not tasks:
                 stale = np.flatnonzero((self.start_counts[:, 1:] != self.end_counts[:, :-1]).any(axis=0)) + 1
                 if stale.size == 0:
                     return
+                first = np.diff(stale, prepend=-1) > 1
+                pick = first | ~tried[stale]
+                stale, budget = stale[pick], np.where(first[pick], 0, _SPECULATIVE_STEPS)
+                tried[stale] = True
                 true_start = self.end_counts[:, stale - 1]
-                exact.append(_Tasks(stale, self.lane_start[stale], true_start, self.start_counts[:, stale]))
+                tasks = [_Tasks(stale, self.lane_start[stale], true_start, self.start_counts[:, stale], budget)]
                 self.start_counts[:, stale] = true_start
                 active[stale] = True
-            if exact:
-                lazy.extend(self._resimulate(_Tasks.concat(exact, self.w.size), active, lazy, exact))
-            while lazy:
-                lane, pos, true, spec, budget = lazy.pop()
-                deviation = self._first_deviation(pos, int(self.lane_stop[lane]), true - spec, spec)
-                if deviation is None:
-                    # The recorded rest of the lane is already the greedy from the true counts.
-                    self.end_counts[:, lane] += true - spec
-                    active[lane] = False
-                    self._hand_on(lane, active, lazy, exact)
-                else:
-                    step_counts = np.bincount(self.dataset_index[pos:deviation], minlength=self.w.size)
-                    # A difference that changes a step at once (a frequent domain) gets a longer exact run.
-                    budget = 2 * budget if deviation - pos < _COUPLING_CHECK_STEPS else _EXACT_BUDGET_STEPS
-                    exact.append(_Tasks.single(lane, deviation, true + step_counts, spec + step_counts, budget))
+            tasks = self._resimulate(_Tasks.concat(tasks, self.w.size), active)
 
-    def _hand_on(self, lane: int, active: np.ndarray, lazy: list, exact: list) -> None:
-        """Queue the successor of ``lane`` for a lazy check if its start no longer matches ``lane``'s end."""
-        nxt = lane + 1
-        if nxt >= self.num_lanes or active[nxt]:
-            return
-        true = self.end_counts[:, lane].copy()
-        spec = self.start_counts[:, nxt].copy()
-        if (true == spec).all():
-            return
-        self._extrapolate(nxt, true - spec, active, exact)
-        active[nxt] = True
-        self.start_counts[:, nxt] = true
-        lazy.append((nxt, int(self.lane_start[nxt]), true, spec, _EXACT_BUDGET_STEPS // 2))
+    def _resimulate(self, tasks: "_Tasks", active: np.ndarray, hand_on: bool = True) -> list:
+        """Re-run tasks exactly, in lockstep, until each re-joins its recorded trajectory or reaches its lane's end.
 
-    def _extrapolate(self, lane: int, delta: np.ndarray, active: np.ndarray, exact: list) -> None:
-        """Apply ``delta`` of slow domains to the lanes after ``lane`` that recorded the same count, and re-run them.
-
-        A domain picked less than once a lane keeps its count over many lanes; when lane ``lane`` turns out to start
-        one pick ahead of its recording, the lanes after it that recorded the same count are off the same way
-        (the next pick is ~1/rate away). When it starts one pick *behind*, the pick is merely late, so only the
-        lanes before the domain's late pick level are changed. New starts are guesses like any other (the
-        settling checks them); the largest domain absorbs the change so that counts still sum to the lane start.
+        A task's lane must already record ``tasks.spec`` as its counts at ``tasks.pos``. A task with a budget
+        that has not re-joined after that many steps is undone: its lane's recording and start are restored.
+        Returns the tasks handed on to successors of lanes whose end state changed (with ``hand_on``).
         """
-        largest = int(np.argmax(self.w))
-        first = lane + 1
-        if first >= self.num_lanes:
-            return
-        change = np.zeros((self.w.size, self.num_lanes - first), dtype=np.int64)
-        for k in np.flatnonzero(delta):
-            if k == largest:
-                continue
-            same = (self.start_counts[k, first:] == self.start_counts[k, lane]) & ~active[first:]
-            if delta[k] < 0:
-                error = self.rates[k] * self.lane_start[first:] - (self.start_counts[k, lane] + delta[k])
-                same &= error < self.late_levels[k]
-            run = int(np.argmin(same)) if not same.all() else same.size
-            change[k, :run] += delta[k]
-            change[largest, :run] -= delta[k]
-        lanes = np.flatnonzero(change.any(axis=0))
-        if lanes.size == 0:
-            return
-        guess = self.start_counts[:, first + lanes] + change[:, lanes]
-        exact.append(_Tasks(first + lanes, self.lane_start[first + lanes], guess, self.start_counts[:, first + lanes],
-                            budget=self.lane_steps))
-        self.start_counts[:, first + lanes] = guess
-        active[first + lanes] = True
-
-    def _resimulate(self, tasks: "_Tasks", active: np.ndarray, lazy: list, exact: list, hand_on=True) -> list:
-        """Re-run tasks exactly, in lockstep, until each re-joins its recorded trajectory, ends, or spends its budget.
-
-        ``exact`` is emptied first (it receives tasks this call hands on). Returns (lane, pos, true, recorded,
-        budget) for the tasks still differing after their budget, for a lazy check.
-        """
-        exact.clear()
         w = self.w
         di, si = self.dataset_index, self.dataset_sample_index
         lanes, pos = tasks.lane, tasks.pos.copy()
         true, spec = tasks.true.astype(np.float64), tasks.spec.copy()  # (K, n), C-contiguous
         stop = self.lane_stop[lanes]
-        budget = tasks.budget
-        budget_end = pos + budget
-        leftover = []
+        # Tasks with a budget: stop there, keeping what is needed to undo them.
+        limit = np.where((tasks.budget > 0) & (pos + tasks.budget < stop), pos + tasks.budget, stop)
+        undo = {int(lanes[i]): (int(pos[i]), di[pos[i]:limit[i]].copy(), si[pos[i]:limit[i]].copy(), tasks.spec[:, i])
+                for i in np.flatnonzero(limit < stop)}
+        bounded = tasks.budget > 0
+        handed = []
         while lanes.size:
             num = lanes.size
             if num <= _PYTHON_MAX_LANES:
                 # A few lanes: numpy's per-call overhead (~15 calls a step) costs more than a plain loop.
                 for i in range(num):
-                    pos[i], true[:, i], spec[:, i] = self._resimulate_one(
-                        int(pos[i]), int(min(stop[i], budget_end[i])), true[:, i], spec[:, i])
+                    pos[i], true[:, i], spec[:, i] = self._resimulate_one(int(pos[i]), int(limit[i]), true[:, i],
+                                                                          spec[:, i])
             else:
                 chooser = _Chooser(w, num)
                 lane_ids = np.arange(num, dtype=np.int64)
                 chosen, flat = np.empty(num, dtype=np.int64), np.empty(num, dtype=np.int64)
                 flat_true, flat_spec = true.reshape(-1), spec.reshape(-1)
-                steps = int(min(_COUPLING_CHECK_STEPS, (np.minimum(stop, budget_end) - pos).min()))
-                for _ in range(steps):
+                for _ in range(int(min(_COUPLING_CHECK_STEPS, (limit - pos).min()))):
                     chooser.choose(true, np.maximum(pos, 1).astype(np.float64), chosen, flat)
                     recorded = di[pos].astype(np.int64)  # read before it is overwritten
                     flat_spec[recorded * num + lane_ids] += 1
@@ -675,24 +659,76 @@ class _Lanes:
                     si[pos] = taken
                     flat_true[flat] = taken + 1.0
                     pos += 1
-            joined = (true == spec).all(axis=0)
+            joined = (true == spec).all(axis=0)  # the same counts at the same step: identical from here on
             ended = pos >= stop
-            spent = pos >= budget_end
-            for i in np.flatnonzero((joined | ended)):
+            given_up = (pos >= limit) & ~joined & ~ended
+            for i in np.flatnonzero(joined | ended | given_up):
                 active[lanes[i]] = False
             for i in np.flatnonzero(ended & ~joined):
                 self.end_counts[:, lanes[i]] = true[:, i].astype(np.int64)
+                if lanes[i] + 1 < self.num_lanes:
+                    self.tried[lanes[i] + 1] = False  # a new start to try
                 if hand_on:
-                    self._hand_on(int(lanes[i]), active, lazy, exact)
-            for i in np.flatnonzero(~joined & ~ended & spent):
-                leftover.append((int(lanes[i]), int(pos[i]), true[:, i].astype(np.int64), spec[:, i].copy(),
-                                 int(budget[i])))
-            keep = ~(joined | ended | spent)
+                    self._hand_on(int(lanes[i]), active, handed, int(bounded[i]) * _SPECULATIVE_STEPS)
+            for i in np.flatnonzero(given_up):
+                start, old_index, old_sample, old_start = undo[int(lanes[i])]
+                di[start:start + old_index.size] = old_index
+                si[start:start + old_sample.size] = old_sample
+                self.start_counts[:, lanes[i]] = old_start
+            keep = ~(joined | ended | given_up)
             # Boolean indexing along axis 1 may return a non-C-contiguous array; the flat views above need C order.
-            lanes, pos = lanes[keep], pos[keep]
+            lanes, pos, stop, limit, bounded = lanes[keep], pos[keep], stop[keep], limit[keep], bounded[keep]
             true, spec = np.ascontiguousarray(true[:, keep]), np.ascontiguousarray(spec[:, keep])
-            stop, budget_end, budget = stop[keep], budget_end[keep], budget[keep]
-        return leftover
+        return handed
+
+    def _hand_on(self, lane: int, active: np.ndarray, handed: list, budget: int) -> None:
+        """Queue a re-run of the successor of ``lane`` if its start no longer matches ``lane``'s end.
+
+        ``budget`` is 0 when ``lane``'s own start was final (so is its successor's now), else speculative.
+        """
+        nxt = lane + 1
+        if nxt >= self.num_lanes or active[nxt]:
+            return
+        true = self.end_counts[:, lane]
+        if (true == self.start_counts[:, nxt]).all():
+            return
+        if budget == 0:
+            self._extrapolate(nxt, true - self.start_counts[:, nxt], active, handed)
+        handed.append(_Tasks([nxt], [self.lane_start[nxt]], true.reshape(-1, 1),
+                             self.start_counts[:, nxt].reshape(-1, 1), budget))
+        self.start_counts[:, nxt] = true
+        active[nxt] = True
+
+    def _extrapolate(self, lane: int, delta: np.ndarray, active: np.ndarray, handed: list) -> None:
+        """Apply ``delta`` to the lanes after ``lane`` that recorded the same count in a domain, and re-run them.
+
+        A slow domain keeps its count over many lanes, so when lane ``lane`` turns out to start with another
+        count for it than it recorded, the following lanes that recorded the same count are likely off the same
+        way; left alone, they would be found out one lane at a time. (When the true count is behind, some of
+        them are past the true pick: they start with it overdue, pick it at once and re-join within a few steps
+        after the next settling round.) New starts are guesses like any other (settling checks them); the
+        largest domain absorbs the change so that counts still sum to the lane start.
+        """
+        first = lane + 1
+        if first >= self.num_lanes:
+            return
+        largest = int(np.argmax(self.w))
+        change = np.zeros((self.w.size, self.num_lanes - first), dtype=np.int64)
+        for k in np.flatnonzero(delta):
+            if k == largest:
+                continue
+            same = (self.start_counts[k, first:] == self.start_counts[k, lane]) & ~active[first:]
+            run = int(np.argmin(same)) if not same.all() else same.size
+            change[k, :run] += delta[k]
+            change[largest, :run] -= delta[k]
+        lanes = first + np.flatnonzero(change.any(axis=0))
+        if lanes.size == 0:
+            return
+        guess = self.start_counts[:, lanes] + change[:, lanes - first]
+        handed.append(_Tasks(lanes, self.lane_start[lanes], guess, self.start_counts[:, lanes]))
+        self.start_counts[:, lanes] = guess
+        active[lanes] = True
+        self.tried[lanes] = False
 
     def _resimulate_one(self, pos: int, end: int, true: np.ndarray, spec: np.ndarray):
         """One lane's exact re-run from ``pos`` until it re-joins its recording or reaches ``end``, in plain Python.
@@ -728,67 +764,27 @@ class _Lanes:
         self.dataset_sample_index[pos:stop] = taken
         return stop, true, spec
 
-    def _first_deviation(self, start: int, stop: int, delta: np.ndarray, spec: np.ndarray):
-        """First step in [start, stop) where counts ``spec + delta`` would choose differently from the recording.
-
-        The recorded step t chose d(t) with error e(t) = w[d] * x - s(t), the maximum for the recorded counts.
-        Counts differing by ``delta`` agree on every step whose chosen domain has delta 0, unless a domain with
-        fewer true counts (delta < 0) has a true error above e(t), or equal to it with a lower index.
-        """
-        w = self.w
-        domains = np.flatnonzero(delta)
-        window = 512
-        while start < stop:
-            end = min(stop, start + window)
-            chosen = self.dataset_index[start:end]
-            x = np.maximum(np.arange(start, end, dtype=np.float64), 1.0)
-            best = w[chosen] * x - self.dataset_sample_index[start:end].astype(np.float64)
-            first = end - start
-            for k in domains:
-                hits = np.flatnonzero(chosen[:first] == k)
-                limit = int(hits[0]) if hits.size else first
-                if delta[k] < 0 and limit > 0:
-                    error = w[k] * x[:limit] - float(spec[k] + delta[k])
-                    wins = (error > best[:limit]) | ((error == best[:limit]) & (k < chosen[:limit]))
-                    found = np.flatnonzero(wins)
-                    if found.size:
-                        limit = int(found[0])
-                first = min(first, limit)
-            if first < end - start:
-                return start + first
-            start = end
-            window *= 4
-        return None
-
 
 class _Tasks:
-    """Lanes to re-run from ``pos``: true counts (K, n), the counts the recording had at ``pos`` (K, n), and how
-    many steps to re-run before checking the remaining difference lazily (``budget``)."""
+    """Lanes to re-run from ``pos``: true counts (K, n), the counts the recording had at ``pos`` (K, n), and
+    steps to give up after (0: none)."""
 
-    def __init__(self, lane, pos, true, spec, budget=_EXACT_BUDGET_STEPS):
+    def __init__(self, lane, pos, true, spec, budget=0):
         self.lane = np.asarray(lane, dtype=np.int64)
         self.pos = np.asarray(pos, dtype=np.int64)
         self.true = np.ascontiguousarray(true, dtype=np.int64)  # (K, n)
         self.spec = np.ascontiguousarray(spec, dtype=np.int64)  # (K, n)
-        self.budget = np.broadcast_to(np.asarray(budget, dtype=np.int64), self.lane.shape).copy()
+        self.budget = np.broadcast_to(np.asarray(budget, dtype=np.int64), self.lane.shape).copy()  # 0: none
 
     @property
     def size(self) -> int:
         return self.lane.size
 
     @staticmethod
-    def single(lane, pos, true, spec, budget=_EXACT_BUDGET_STEPS) -> "_Tasks":
-        return _Tasks([lane], [pos], true.reshape(-1, 1), spec.reshape(-1, 1), budget)
-
-    @staticmethod
-    def empty(num_domains) -> "_Tasks":
-        none = np.zeros((num_domains, 0), dtype=np.int64)
-        return _Tasks([], [], none, none)
-
-    @staticmethod
     def concat(parts, num_domains) -> "_Tasks":
         if not parts:
-            return _Tasks.empty(num_domains)
+            none = np.zeros((num_domains, 0), dtype=np.int64)
+            return _Tasks([], [], none, none)
         return _Tasks(
             np.concatenate([p.lane for p in parts]),
             np.concatenate([p.pos for p in parts]),

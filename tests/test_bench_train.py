@@ -78,6 +78,39 @@ def test_tiny_run_reports_every_field():
     assert "ratio framework / bare step time" in format_report(report)
 
 
+def test_proxy_mode_times_plain_live_and_cached_proxy_steps():
+    command = [sys.executable, TOOL, "--mode", "proxy", "--preset", "tiny", "--seq-length", "32",
+               "--micro-batch-size", "2", "--steps", "3", "--warmup-steps", "1", "--json", "-"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)
+    assert report["mode"] == "proxy" and report["proxy_order"] == "paper"
+    for prefix in ("ratio_proxy_live_over_plain", "ratio_proxy_cached_over_plain"):
+        for suffix in ("", "_paired", "_cpu_time"):
+            assert math.isfinite(report[prefix + suffix]) and report[prefix + suffix] > 0, prefix + suffix
+    for side in ("plain", "proxy_live", "proxy_cached"):
+        assert len(report[side]["step_times_s"]) == 3
+        assert report[side]["mfu"] > 0 and report[side]["tokens_per_second"] > 0
+    assert "reference" not in report["plain"]["breakdown_s"]
+    # The live proxy really runs a reference model; the cached one only reads rows.
+    assert report["proxy_live"]["breakdown_s"]["reference"] > 0
+    assert report["proxy_cached"]["breakdown_s"]["reference"] >= 0
+    # Live and cached reference feed the proxy the same losses: same trajectory, same alpha.
+    assert report["loss_max_abs_diff_live_vs_cached"] < 1e-5
+    live, cached = report["final_domain_weights"]["proxy_live"], report["final_domain_weights"]["proxy_cached"]
+    assert len(live) == 3 and abs(sum(live) - 1) < 1e-9
+    assert max(abs(a - b) for a, b in zip(live, cached)) < 1e-6
+    assert live != [1 / 3] * 3  # alpha moved: the proxy steps ran DoReMi
+    text = format_report(report)
+    assert "ratio proxy (live) / plain step time" in text and "ratio proxy (cached) / plain step time" in text
+
+
+def test_bad_mode_is_one_clear_error():
+    result = subprocess.run([sys.executable, TOOL, "--mode", "fast"], cwd=REPO_ROOT, env=clean_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--mode" in result.stderr
+
+
 def test_bad_option_is_one_clear_error():
     result = subprocess.run([sys.executable, TOOL, "--steps", "0"], cwd=REPO_ROOT, env=clean_env(),
                             capture_output=True, text=True, timeout=60)

@@ -217,6 +217,23 @@ class _TimedBatches:
         return getattr(self.inner, name)
 
 
+class _TimedReference:
+    """Wraps a DoReMi proxy's reference (live model or cache) to time its ``losses`` calls within a step."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.seconds = 0.0
+
+    def losses(self, batch: dict) -> torch.Tensor:
+        started = time.perf_counter()
+        losses = self.inner.losses(batch)
+        self.seconds += time.perf_counter() - started
+        return losses
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 class FrameworkLoop:
     """One step = the body of ``Trainer.run``'s loop minus evaluation and checkpoints, timed in parts."""
 
@@ -224,16 +241,24 @@ class FrameworkLoop:
         self.trainer, self.num_steps = trainer, num_steps
         self.data = _TimedBatches(trainer.batches)
         trainer.batches = self.data
+        self.reference = None
+        if trainer.dro is not None and trainer.dro.reference is not None:
+            self.reference = _TimedReference(trainer.dro.reference)
+            trainer.dro.reference = self.reference
 
     def step(self, step: int) -> tuple[float, float, dict]:
         """Train step ``step`` (0-based); returns (loss, seconds, seconds per part)."""
         trainer = self.trainer
+        if self.reference is not None:
+            self.reference.seconds = 0.0
         started = time.perf_counter()
         lr = trainer.engine.get_lr()[0]
         trainer.train_step(step)
         _synchronize(trainer.device)
         trained = time.perf_counter()
         sums, counts = trainer._pipeline_reduced() if trainer.pipeline else trainer.loss_stats.reduced(trainer.dp_group)
+        if trainer.dro is not None:
+            trainer.dro.append_trajectory()
         loss = float(sums.sum() / counts.sum())
         reduced = time.perf_counter()
         if (step + 1) % trainer.config.train.log_interval == 0 or step + 1 == self.num_steps:
@@ -241,8 +266,12 @@ class FrameworkLoop:
         logged = time.perf_counter()
         trainer._stop_requested()
         ended = time.perf_counter()
-        parts = {"data": self.data.seconds, "forward_backward_step": trained - started - self.data.seconds,
-                 "loss_reduce": reduced - trained, "log": logged - reduced, "stop_check": ended - logged}
+        parts = {"data": self.data.seconds}
+        if trainer.dro is not None:
+            # Reference losses (the live model's forward, or the cache read); 0 on pipeline stages without the loss.
+            parts["reference"] = self.reference.seconds if self.reference is not None else 0.0
+        parts["forward_backward_step"] = trained - started - sum(parts.values())
+        parts.update({"loss_reduce": reduced - trained, "log": logged - reduced, "stop_check": ended - logged})
         return loss, ended - started, parts
 
 
@@ -305,6 +334,7 @@ def run_blocks(loops: dict, steps: range, block_steps: int, barrier) -> dict:
 class TrainBenchConfig:
     """What to benchmark; ``validate()`` names the offending option."""
 
+    mode: str = "overhead"  # overhead: Trainer vs a bare loop | proxy: DoReMi proxy steps vs plain steps
     preset: str = "tiny"
     seq_length: int = 256
     micro_batch_size: int = 4
@@ -323,6 +353,8 @@ class TrainBenchConfig:
     workdir: str | None = None
 
     def validate(self) -> None:
+        if self.mode not in ("overhead", "proxy"):
+            raise ConfigError(f"--mode: must be overhead or proxy, got {self.mode!r}")
         if self.preset.lower() not in PRESETS:
             raise ConfigError(f"--preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         for name in ("seq_length", "micro_batch_size", "grad_accum", "steps", "block_steps", "log_interval"):
@@ -400,10 +432,59 @@ def _per_step_max(gathered: list[list[dict]], key) -> list[float]:
     return [max(key(ranks[i]) for ranks in gathered) for i in range(len(gathered[0]))]
 
 
-def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
-    """Run both loops on every rank; returns the result on rank 0 (None elsewhere)."""
+def _overhead_loops(experiment, env, plan, device, bf16, total_steps):
+    """The framework (Trainer) and bare loops of ``--mode overhead``; returns (loops, trainers)."""
     from megadoremi.train.trainer import Trainer
 
+    trainer = Trainer(experiment, env, plan)
+    trainer.setup()
+    batches = [[b["tokens"].to(device) for b in trainer.batches.micro_batches(step)] for step in range(total_steps)]
+    loops = {"framework": FrameworkLoop(trainer, total_steps),
+             "bare": BareLoop(trainer.model_config, experiment, device, bf16, batches)}
+    return loops, [trainer]
+
+
+def _proxy_loops(bench, experiment_dict: dict, env, plan, workdir: str, total_steps: int):
+    """The three Trainers of ``--mode proxy``; returns (loops, trainers).
+
+    plain: a normal run. proxy_live: DoReMi proxy with the reference model run forward on every micro-batch.
+    proxy_cached: the same proxy reading the reference losses from a cache computed beforehand (not timed).
+    Same preset, seed, data stream and layout. The reference is a GPT of the proxy's shape with other random
+    weights (what it computes does not change its cost), written as a ``model.pt`` like a finished reference run.
+    """
+    from megadoremi.doremi.reference import write_reference_losses
+    from megadoremi.train.export import write_model_file
+    from megadoremi.train.trainer import Trainer
+
+    reference_path = os.path.join(workdir, "reference", "model.pt")
+    cache_prefix = os.path.join(workdir, "reference", "losses")
+    live = {"enabled": True, "reference_model": reference_path}
+    configs = {
+        "plain": config_from_dict({**experiment_dict, "run_dir": os.path.join(workdir, "run-plain")}),
+        "proxy_live": config_from_dict({**experiment_dict, "run_dir": os.path.join(workdir, "run-proxy-live"),
+                                        "doremi": live}),
+        "proxy_cached": config_from_dict({**experiment_dict, "run_dir": os.path.join(workdir, "run-proxy-cached"),
+                                          "doremi": {**live, "reference_losses": cache_prefix}}),
+    }
+    model_config = Trainer(configs["plain"], env, plan).build_model_config()
+    if env.rank == 0:
+        os.makedirs(os.path.dirname(reference_path), exist_ok=True)
+        reference = GPT(model_config, seed=bench.seed + 1)
+        write_model_file({k: v.detach().float() for k, v in reference.state_dict().items()}, model_config,
+                         reference_path)
+    _barrier()
+    logger.info("computing the reference-loss cache for %d steps", total_steps)
+    write_reference_losses(configs["proxy_live"], plan.global_batch_size, cache_prefix)
+    trainers = {}
+    for name, config in configs.items():
+        trainers[name] = Trainer(config, env, plan)
+        trainers[name].setup()
+    loops = {name: FrameworkLoop(trainer, total_steps) for name, trainer in trainers.items()}
+    return loops, list(trainers.values())
+
+
+def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
+    """Run the mode's loops on every rank; returns the result on rank 0 (None elsewhere)."""
     bench.validate()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -412,6 +493,7 @@ def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
     temporary = bench.workdir is None
     workdir = _broadcast(tempfile.mkdtemp(prefix="megadoremi-bench-") if env.rank == 0 and temporary else None) \
         if temporary else os.path.abspath(bench.workdir)
+    trainers = []
     try:
         vocab_size = bench.vocab_size or DEFAULT_VOCAB_SIZE
         data_parallel = env.world_size // bench.pipeline_stages if env.world_size % bench.pipeline_stages == 0 else 1
@@ -427,28 +509,29 @@ def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
             else:
                 data = write_corpus_data(workdir, vocab_size, tokens_per_domain, seed=0)
         data = _broadcast(data)
-        experiment = config_from_dict(_experiment_dict(bench, data, workdir, total_steps))
+        experiment_dict = _experiment_dict(bench, data, workdir, total_steps)
+        experiment = config_from_dict(experiment_dict)
         plan = resolve_batch_plan(experiment, env.world_size)
-        trainer = Trainer(experiment, env, plan)
-        trainer.setup()
         try:
-            batches = [[b["tokens"].to(device) for b in trainer.batches.micro_batches(step)]
-                       for step in range(total_steps)]
-            loops = {"framework": FrameworkLoop(trainer, total_steps),
-                     "bare": BareLoop(trainer.model_config, experiment, device, bf16, batches)}
+            if bench.mode == "proxy":
+                loops, trainers = _proxy_loops(bench, experiment_dict, env, plan, workdir, total_steps)
+            else:
+                loops, trainers = _overhead_loops(experiment, env, plan, device, bf16, total_steps)
             dtype = torch.bfloat16 if bf16 else torch.float32
             gemm_size, gemm_repeats = (8192, 20) if cuda else (1536, 6)
             _barrier()
             load_before = _load_average()
             gemm = [measure_matmul_flops(device, dtype, gemm_size, gemm_repeats)]
-            logger.info("warmup: %d step(s) per loop; timing %d step(s) per loop in ABBA blocks of %d",
-                        bench.warmup_steps, bench.steps, bench.block_steps)
+            logger.info("warmup: %d step(s) per loop; timing %d step(s) per loop in blocks of %d, the order "
+                        "reversed every block (%s)", bench.warmup_steps, bench.steps, bench.block_steps,
+                        ", ".join(loops))
             warmup = run_blocks(loops, range(0, bench.warmup_steps), max(1, bench.warmup_steps), _barrier)
             timed = run_blocks(loops, range(bench.warmup_steps, total_steps), bench.block_steps, _barrier)
             _barrier()
             gemm.append(measure_matmul_flops(device, dtype, gemm_size, gemm_repeats))
         finally:
-            trainer.metrics.close()
+            for trainer in trainers:
+                trainer.metrics.close()
         losses = {name: {r["step"]: r["loss"] for r in warmup[name] + timed[name]} for name in loops}
         gathered = _all_gather({"timed": timed, "gemm_flops": max(g[0] for g in gemm),
                                 "gemm_flops_per_cpu_second": max(g[1] for g in gemm), "losses": losses,
@@ -459,10 +542,13 @@ def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
             shutil.rmtree(workdir, ignore_errors=True)
     if env.rank != 0:
         return None
-    return _result(bench, env, trainer, experiment, plan, device, bf16, gathered, gemm_size)
+    if bench.mode == "proxy":
+        return _proxy_result(bench, env, trainers, experiment, plan, device, bf16, gathered, gemm_size)
+    return _result(bench, env, trainers[0], experiment, plan, device, bf16, gathered, gemm_size)
 
 
-def _result(bench, env, trainer, experiment, plan, device, bf16, gathered, gemm_size) -> dict:
+def _common_result(bench, env, trainer, experiment, plan, device, bf16, gathered, gemm_size) -> dict:
+    """Run description, FLOPs and the peak: the fields both modes report."""
     import deepspeed
 
     model_config = trainer.model_config
@@ -479,8 +565,9 @@ def _result(bench, env, trainer, experiment, plan, device, bf16, gathered, gemm_
         peak_total = measured_tflops
         source = (f"measured in this run: best {precision} {gemm_size}^3 GEMM on each of {env.world_size} rank(s) "
                   "at once, summed (no vendor peak for this device; MFU is relative to the achievable GEMM rate)")
-    result = {
-        "benchmark": "megadoremi train_bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    return {
+        "benchmark": "megadoremi train_bench", "mode": bench.mode,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "launcher": env.launcher,
         "world_size": env.world_size, "device": device_name, "num_threads": torch.get_num_threads(),
         "torch_version": torch.__version__, "deepspeed_version": deepspeed.__version__,
@@ -499,47 +586,60 @@ def _result(bench, env, trainer, experiment, plan, device, bf16, gathered, gemm_
         "attention_flops_per_token": flops.attention,
         "peak_tflops_total": peak_total, "peak_tflops_per_device": peak_total / env.world_size,
         "peak_source": source, "measured_gemm_tflops_total": measured_tflops,
+        # Per CPU-second rates (CPU only): FLOPs a rank gets done per second of its own CPU time, over what the
+        # GEMM gets. Other processes on a shared host stretch wall time, not CPU time, so this MFU resists them.
+        "measured_gemm_tflops_per_cpu_second":
+            statistics.median(rank["gemm_flops_per_cpu_second"] for rank in gathered) / 1e12,
+        "load_average_1min": gathered[0]["load_average"], "num_cpu_cores": os.cpu_count(),
     }
-    # Per CPU-second rates (CPU only): FLOPs a rank gets done per second of its own CPU time, over what the GEMM
-    # gets. Other processes on a shared host stretch wall time, not CPU time, so this MFU resists their load.
-    gemm_per_cpu_s = statistics.median(rank["gemm_flops_per_cpu_second"] for rank in gathered)
-    flops_per_rank_step = flops.total * plan.tokens_per_step / env.world_size
-    sides = {}
-    for name in ("framework", "bare"):
-        seconds = _per_step_max([rank["timed"][name] for rank in gathered], lambda record: record["seconds"])
-        step_time_s = statistics.median(seconds)
-        tokens_per_second = plan.tokens_per_step / step_time_s
-        sides[name] = {
-            "step_time_s": step_time_s, "step_time_s_min": min(seconds), "step_time_s_max": max(seconds),
-            "step_times_s": seconds,
-            # This process's CPU time per step (all its threads): what the step costs without the waits that
-            # other work on a shared host adds; equals the wall time on an idle host with one thread per rank.
-            "cpu_time_s": statistics.median(_per_step_max([rank["timed"][name] for rank in gathered],
-                                                          lambda record: record["cpu_seconds"])),
-            "tokens_per_second": tokens_per_second,
-            "achieved_tflops": tokens_per_second * flops.total / 1e12,
-            "mfu": tokens_per_second * flops.total / 1e12 / peak_total,
-            "mfu_causal_attention": tokens_per_second * (flops.dense + flops.attention / 2) / 1e12 / peak_total,
+
+
+def _side_stats(name: str, result: dict, gathered: list, device: torch.device) -> dict:
+    """Step time (slowest rank per step, median over steps), tokens/s, TFLOP/s, MFU and the part breakdown."""
+    records = [rank["timed"][name] for rank in gathered]
+    seconds = _per_step_max(records, lambda record: record["seconds"])
+    step_time_s = statistics.median(seconds)
+    tokens_per_second = result["tokens_per_step"] / step_time_s
+    peak, flops_total = result["peak_tflops_total"], result["flops_per_token"]
+    causal = result["dense_flops_per_token"] + result["attention_flops_per_token"] / 2
+    side = {
+        "step_time_s": step_time_s, "step_time_s_min": min(seconds), "step_time_s_max": max(seconds),
+        "step_times_s": seconds,
+        # This process's CPU time per step (all its threads): what the step costs without the waits that other
+        # work on a shared host adds; equals the wall time on an idle host with one thread per rank.
+        "cpu_time_s": statistics.median(_per_step_max(records, lambda record: record["cpu_seconds"])),
+        "tokens_per_second": tokens_per_second,
+        "achieved_tflops": tokens_per_second * flops_total / 1e12,
+        "mfu": tokens_per_second * flops_total / 1e12 / peak,
+        "mfu_causal_attention": tokens_per_second * causal / 1e12 / peak,
+    }
+    flops_per_rank_step = flops_total * result["tokens_per_step"] / result["world_size"]
+    side["mfu_cpu_time"] = flops_per_rank_step / side["cpu_time_s"] / (
+        result["measured_gemm_tflops_per_cpu_second"] * 1e12) if device.type == "cpu" else None
+    parts = records[0][0]["parts"]
+    if parts:
+        side["breakdown_s"] = {
+            part: statistics.median(_per_step_max(records, lambda record, part=part: record["parts"][part]))
+            for part in parts
         }
-        sides[name]["mfu_cpu_time"] = flops_per_rank_step / sides[name]["cpu_time_s"] / gemm_per_cpu_s \
-            if device.type == "cpu" else None
-    result["measured_gemm_tflops_per_cpu_second"] = gemm_per_cpu_s / 1e12
-    parts = gathered[0]["timed"]["framework"][0]["parts"]
-    sides["framework"]["breakdown_s"] = {
-        part: statistics.median(_per_step_max([r["timed"]["framework"] for r in gathered],
-                                               lambda record, part=part: record["parts"][part]))
-        for part in parts
-    }
+    return side
+
+
+def _ratios(result: dict, prefix: str, numerator: dict, denominator: dict) -> None:
+    """Step-time ratio of medians, median of same-step pairs (resists load that drifts), and of CPU time."""
+    result[prefix] = numerator["step_time_s"] / denominator["step_time_s"]
+    result[prefix + "_paired"] = statistics.median(
+        a / b for a, b in zip(numerator["step_times_s"], denominator["step_times_s"]))
+    result[prefix + "_cpu_time"] = numerator["cpu_time_s"] / denominator["cpu_time_s"]
+
+
+def _result(bench, env, trainer, experiment, plan, device, bf16, gathered, gemm_size) -> dict:
+    result = _common_result(bench, env, trainer, experiment, plan, device, bf16, gathered, gemm_size)
+    sides = {name: _side_stats(name, result, gathered, device) for name in ("framework", "bare")}
     result.update({key: sides["framework"][key] for key in ("tokens_per_second", "step_time_s", "mfu",
                                                             "mfu_causal_attention", "achieved_tflops")})
     result["framework"], result["bare"] = sides["framework"], sides["bare"]
-    result["ratio_framework_over_bare"] = sides["framework"]["step_time_s"] / sides["bare"]["step_time_s"]
-    # Step i of both loops ran within one block pair: the median of their ratios resists load that drifts.
-    result["ratio_framework_over_bare_paired"] = statistics.median(
-        f / b for f, b in zip(sides["framework"]["step_times_s"], sides["bare"]["step_times_s"]))
-    result["ratio_framework_over_bare_cpu_time"] = sides["framework"]["cpu_time_s"] / sides["bare"]["cpu_time_s"]
-    result["load_average_1min"] = gathered[0]["load_average"]
-    result["num_cpu_cores"] = os.cpu_count()
+    _ratios(result, "ratio_framework_over_bare", sides["framework"], sides["bare"])
     # With one rank both loops do the same arithmetic: their losses agree (a check that the work is the same).
     losses = gathered[0]["losses"]
     result["loss_max_abs_diff"] = max(abs(losses["framework"][s] - losses["bare"][s]) for s in losses["bare"]) \
@@ -553,11 +653,38 @@ def _result(bench, env, trainer, experiment, plan, device, bf16, gathered, gemm_
     return result
 
 
-def format_report(result: dict) -> str:
-    """The human-readable table."""
-    fw, bare = result["framework"], result["bare"]
-    lines = [
-        f"megadoremi training benchmark  {result['date'][:19]}Z  torch {result['torch_version']}  "
+PROXY_LOOPS = ("plain", "proxy_live", "proxy_cached")
+
+
+def _proxy_result(bench, env, trainers, experiment, plan, device, bf16, gathered, gemm_size) -> dict:
+    result = _common_result(bench, env, trainers[0], experiment, plan, device, bf16, gathered, gemm_size)
+    sides = {name: _side_stats(name, result, gathered, device) for name in PROXY_LOOPS}
+    result.update(sides)
+    _ratios(result, "ratio_proxy_live_over_plain", sides["proxy_live"], sides["plain"])
+    _ratios(result, "ratio_proxy_cached_over_plain", sides["proxy_cached"], sides["plain"])
+    # The live reference adds one forward of the proxy's shape per micro-batch: (fwd + bwd + fwd) / (fwd + bwd)
+    # in model FLOPs, 4/3 under the 1 : 2 forward : backward convention.
+    result["flops_ratio_live_reference"] = 4.0 / 3.0
+    result["proxy_objective"] = experiment.doremi.objective
+    result["proxy_order"] = trainers[1].dro.order
+    # Live and cached reference give the proxy the same numbers: the two proxies' losses agree, step by step.
+    losses = gathered[0]["losses"]
+    result["loss_max_abs_diff_live_vs_cached"] = max(
+        abs(losses["proxy_live"][step] - losses["proxy_cached"][step]) for step in losses["proxy_live"])
+    result["final_domain_weights"] = {name: trainer.dro.state.weights.tolist()
+                                      for name, trainer in zip(PROXY_LOOPS[1:], trainers[1:])}
+    result["includes"] = {
+        "plain": "the Trainer step of a normal run (as --mode overhead's framework loop)",
+        "proxy_live": "the same plus the DoReMi proxy: reference-model forward on every micro-batch, per-domain "
+                      "excess-loss and token-count all-reduces, alpha update, alpha-weighted loss, trajectory append",
+        "proxy_cached": "as proxy_live, with the reference losses read from the memory-mapped cache instead",
+    }
+    return result
+
+
+def _report_header(result: dict) -> list[str]:
+    return [
+        f"megadoremi training benchmark ({result['mode']})  {result['date'][:19]}Z  torch {result['torch_version']}  "
         f"deepspeed {result['deepspeed_version']}",
         f"device: {result['device']} x {result['world_size']} rank(s) ({result['launcher']}), "
         f"{result['num_threads']} thread(s)/rank, {result['precision']}",
@@ -568,27 +695,37 @@ def format_report(result: dict) -> str:
         f"{result['data_parallel_size']} data-parallel; micro {result['micro_batch_size']} x accumulation "
         f"{result['grad_accum']} = global {result['global_batch_size']} x {result['seq_length']} tokens = "
         f"{result['tokens_per_step']} tokens/step",
-        f"timing: median of {result['steps']} steps per loop after {result['warmup_steps']} warmup, ABBA blocks "
-        f"of {result['block_steps']}",
+        f"timing: median of {result['steps']} steps per loop after {result['warmup_steps']} warmup, blocks of "
+        f"{result['block_steps']} steps, the loops' order reversed every block",
         "",
-        f"{'':22}{'step time':>12}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>9}{'MFU causal':>12}"
+        f"{'':24}{'step time':>12}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>9}{'MFU causal':>12}"
         f"{'CPU time':>12}{'MFU/CPU-s':>11}",
     ]
-    for name, side in (("framework (Trainer)", fw), ("bare PyTorch loop", bare)):
-        cpu_mfu = "n/a" if side["mfu_cpu_time"] is None else f"{side['mfu_cpu_time']:.2%}"
-        lines.append(f"{name:22}{side['step_time_s'] * 1e3:>10.1f}ms{side['tokens_per_second']:>12.0f}"
-                     f"{side['achieved_tflops']:>10.4f}{side['mfu']:>9.2%}{side['mfu_causal_attention']:>12.2%}"
-                     f"{side['cpu_time_s'] * 1e3:>10.1f}ms{cpu_mfu:>11}")
-    lines += [
-        f"ratio framework / bare step time: {result['ratio_framework_over_bare']:.3f} (of medians), "
-        f"{result['ratio_framework_over_bare_paired']:.3f} (median of same-step pairs)",
-        f"ratio of per-step process CPU time: {result['ratio_framework_over_bare_cpu_time']:.3f}",
+
+
+def _side_line(label: str, side: dict) -> str:
+    cpu_mfu = "n/a" if side["mfu_cpu_time"] is None else f"{side['mfu_cpu_time']:.2%}"
+    return (f"{label:24}{side['step_time_s'] * 1e3:>10.1f}ms{side['tokens_per_second']:>12.0f}"
+            f"{side['achieved_tflops']:>10.4f}{side['mfu']:>9.2%}{side['mfu_causal_attention']:>12.2%}"
+            f"{side['cpu_time_s'] * 1e3:>10.1f}ms{cpu_mfu:>11}")
+
+
+def _ratio_line(result: dict, prefix: str, label: str, limit: str = "") -> str:
+    return (f"ratio {label} step time: {result[prefix]:.3f} (of medians), {result[prefix + '_paired']:.3f} "
+            f"(median of same-step pairs), {result[prefix + '_cpu_time']:.3f} (process CPU time){limit}")
+
+
+def _breakdown_line(label: str, side: dict) -> str:
+    return f"{label} step breakdown (median ms): " + " | ".join(
+        f"{part} {seconds * 1e3:.2f}" for part, seconds in side["breakdown_s"].items())
+
+
+def _report_footer(result: dict) -> list[str]:
+    return [
         f"host load average (1 min) before / after timing: "
         + " / ".join("n/a" if x is None else f"{x:.2f}" for x in result["load_average_1min"])
         + (f"  WARNING: above the {result['num_cpu_cores']} cores, other work competed with this run"
            if any(x is not None and x > result["num_cpu_cores"] for x in result["load_average_1min"]) else ""),
-        "framework step breakdown (median ms): " + " | ".join(
-            f"{part} {seconds * 1e3:.2f}" for part, seconds in fw["breakdown_s"].items()),
         "",
         f"FLOPs/token {result['flops_per_token']:,} = 6 x {result['matmul_parameters']:,} (dense "
         f"{result['dense_flops_per_token']:,}) + attention {result['attention_flops_per_token']:,}",
@@ -598,6 +735,32 @@ def format_report(result: dict) -> str:
         f"MFU/CPU-s: FLOPs per second of the rank's own CPU time over the same GEMM's "
         f"({result['measured_gemm_tflops_per_cpu_second']:.4f} TFLOP per CPU-second); resists other load",
     ]
+
+
+def format_report(result: dict) -> str:
+    """The human-readable table."""
+    lines = _report_header(result)
+    if result["mode"] == "proxy":
+        labels = {"plain": "plain (Trainer)", "proxy_live": "proxy, live reference",
+                  "proxy_cached": "proxy, cached reference"}
+        lines += [_side_line(labels[name], result[name]) for name in PROXY_LOOPS]
+        lines += [
+            _ratio_line(result, "ratio_proxy_live_over_plain", "proxy (live) / plain",
+                        f"; FLOPs ratio {result['flops_ratio_live_reference']:.3f}"),
+            _ratio_line(result, "ratio_proxy_cached_over_plain", "proxy (cached) / plain", "; FLOPs ratio 1"),
+            *(_breakdown_line(labels[name], result[name]) for name in PROXY_LOOPS),
+            f"proxy: objective {result['proxy_objective']}, order {result['proxy_order']}; losses live vs cached: "
+            f"max |difference| {result['loss_max_abs_diff_live_vs_cached']:.2e}",
+            "MFU counts the trained model's FLOPs only (the reference forward is the proxy's overhead)",
+        ]
+        return "\n".join(lines + _report_footer(result))
+    fw, bare = result["framework"], result["bare"]
+    lines += [
+        _side_line("framework (Trainer)", fw), _side_line("bare PyTorch loop", bare),
+        _ratio_line(result, "ratio_framework_over_bare", "framework / bare"),
+        _breakdown_line("framework", fw),
+    ]
+    lines += _report_footer(result)
     if result["loss_max_abs_diff"] is not None:
         lines.append(f"losses framework vs bare: max |difference| {result['loss_max_abs_diff']:.2e} ("
                      + ("same arithmetic)" if result["precision"] == "fp32" else
@@ -616,6 +779,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "ratio. Runs under python (one rank), torchrun, deepspeed, srun or mpiexec.",
         epilog=__doc__)
     defaults = TrainBenchConfig()
+    parser.add_argument("--mode", choices=("overhead", "proxy"), default=defaults.mode,
+                        help="overhead: the Trainer step against a bare PyTorch loop; proxy: a DoReMi proxy step "
+                             "(live reference model, and cached reference losses) against a plain step "
+                             "(default: %(default)s)")
     parser.add_argument("--preset", default=defaults.preset, help="model preset: " + ", ".join(PRESETS))
     parser.add_argument("--seq-length", type=int, default=defaults.seq_length)
     parser.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size)

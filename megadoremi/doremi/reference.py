@@ -15,6 +15,10 @@ import torch
 
 from megadoremi.model.gpt import GPT, GPTConfig, token_losses
 from megadoremi.train.export import load_exported_model
+from megadoremi.utils.fs import atomic_output, remove_quietly, temp_path_for
+from megadoremi.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 
@@ -116,3 +120,73 @@ class CachedReference:
             raise IndexError(f"reference-loss cache has {self.losses_array.shape[0]} rows, position "
                              f"{positions.max()} requested")
         return torch.from_numpy(np.ascontiguousarray(self.losses_array[positions], dtype=np.float32))
+
+
+def write_reference_losses(config, global_batch_size: int, output: str, batch_size: int = 16) -> str:
+    """Compute the cache for a proxy run of ``config`` with ``global_batch_size``; returns ``OUTPUT.npy``.
+
+    Collective when torch.distributed is initialised: the rows are split across the ranks, each writes its share
+    into one memory-mapped file under a temporary name, and rank 0 renames it and writes ``OUTPUT.json`` last.
+    """
+    from megadoremi.data.blending import build_blended_dataset, load_domain_weights
+    from megadoremi.train.data import collate
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world_size = torch.distributed.get_world_size() if distributed else 1
+    if not config.doremi.reference_model:
+        raise ValueError("doremi.reference_model: required to compute reference losses")
+    data, train = config.data, config.train
+    names = list(data.domains)
+    weights = load_domain_weights(data.weights, names) if data.weights is not None else [1 / len(names)] * len(names)
+    num_samples = train.steps * global_batch_size
+    dataset = build_blended_dataset(dict(data.domains), [float(w) for w in weights], num_samples,
+                                    seq_length=train.seq_length, seed=train.seed, split=data.split, split_index=0,
+                                    cache_dir=data.cache_dir)
+    model_path = reference_model_path(config.doremi.reference_model)
+    model_config, _ = load_exported_model(model_path)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda and train.precision != "fp32" else torch.float32
+    reference = LiveReference(model_path, model_config, device, dtype)
+    npy_path, meta_path = output + ".npy", output + ".json"
+    tmp_npy = temp_path_for(npy_path) if rank == 0 else None
+    if distributed:
+        holder = [tmp_npy]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        tmp_npy = holder[0]
+    try:
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
+            np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(num_samples, train.seq_length))
+        if distributed:
+            torch.distributed.barrier()
+        rows = np.lib.format.open_memmap(tmp_npy, mode="r+")
+        share = -(-num_samples // world_size)
+        first, last = rank * share, min(num_samples, (rank + 1) * share)
+        for start in range(first, last, batch_size):
+            positions = range(start, min(last, start + batch_size))
+            batch = collate([dataset[i] for i in positions], positions)
+            rows[start:start + len(positions)] = reference.losses(batch).cpu().numpy()
+            if (start - first) // batch_size % 50 == 0:
+                logger.info("reference losses: rows %d-%d of %d", start, positions[-1], num_samples)
+        rows.flush()
+        del rows
+        if distributed:
+            torch.distributed.barrier()
+        if rank == 0:
+            os.replace(tmp_npy, npy_path)
+            meta = {"version": CACHE_FORMAT_VERSION, "reference_md5": file_md5(model_path),
+                    "reference_model": os.path.abspath(model_path),
+                    "stream": json.loads(json.dumps(stream_identity(config, global_batch_size))),
+                    "shape": [num_samples, train.seq_length]}
+            with atomic_output(meta_path, "w") as handle:
+                json.dump(meta, handle, indent=1)
+            logger.info("wrote %s (%d samples x %d tokens)", npy_path, num_samples, train.seq_length)
+    except BaseException:
+        if rank == 0 and tmp_npy:
+            remove_quietly(tmp_npy)
+        raise
+    if distributed:
+        torch.distributed.barrier()  # no rank opens the cache before it exists
+    return npy_path

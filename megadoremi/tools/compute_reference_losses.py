@@ -10,24 +10,17 @@ under temporary names renamed at the end.
 """
 
 import argparse
-import json
-import os
 import sys
 
-import numpy as np
 import torch
 
 
 def main(argv=None) -> int:
     from megadoremi.config import ConfigError, load_config
-    from megadoremi.data.blending import build_blended_dataset, load_domain_weights
     from megadoremi.distributed.env import discover_environment, init_distributed
-    from megadoremi.doremi.reference import (
-        CACHE_FORMAT_VERSION, LiveReference, file_md5, reference_model_path, stream_identity)
-    from megadoremi.train.data import collate
+    from megadoremi.doremi.reference import write_reference_losses
     from megadoremi.train.plan import resolve_batch_plan
-    from megadoremi.utils.fs import atomic_output, remove_quietly, temp_path_for
-    from megadoremi.utils.logging import configure_logging, get_logger
+    from megadoremi.utils.logging import configure_logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
@@ -38,7 +31,6 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     env = discover_environment()
     configure_logging(rank=env.rank)
-    logger = get_logger("megadoremi.reference_losses")
     try:
         config = load_config(args.config, overrides)
         if not config.doremi.reference_model:
@@ -50,58 +42,8 @@ def main(argv=None) -> int:
     distributed = env.world_size > 1
     if distributed:
         init_distributed(env)
-    data, train = config.data, config.train
-    names = list(data.domains)
-    weights = load_domain_weights(data.weights, names) if data.weights is not None else [1 / len(names)] * len(names)
-    num_samples = train.steps * plan.global_batch_size
-    dataset = build_blended_dataset(dict(data.domains), [float(w) for w in weights], num_samples,
-                                    seq_length=train.seq_length, seed=train.seed, split=data.split, split_index=0,
-                                    cache_dir=data.cache_dir)
-    from megadoremi.train.export import load_exported_model
-
-    model_path = reference_model_path(config.doremi.reference_model)
-    model_config, _ = load_exported_model(model_path)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.bfloat16 if torch.cuda.is_available() and train.precision != "fp32" else torch.float32
-    reference = LiveReference(model_path, model_config, device, dtype)
-    npy_path, meta_path = args.output + ".npy", args.output + ".json"
-    tmp_npy = temp_path_for(npy_path) if env.rank == 0 else None
-    if distributed:
-        names_box = [tmp_npy]
-        torch.distributed.broadcast_object_list(names_box, src=0)
-        tmp_npy = names_box[0]
     try:
-        if env.rank == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
-            np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(num_samples, train.seq_length))
-        if distributed:
-            torch.distributed.barrier()
-        rows = np.lib.format.open_memmap(tmp_npy, mode="r+")
-        share = -(-num_samples // env.world_size)
-        first, last = env.rank * share, min(num_samples, (env.rank + 1) * share)
-        for start in range(first, last, args.batch_size):
-            positions = range(start, min(last, start + args.batch_size))
-            batch = collate([dataset[i] for i in positions], positions)
-            rows[start:start + len(positions)] = reference.losses(batch).cpu().numpy()
-            if (start - first) // args.batch_size % 50 == 0:
-                logger.info("reference losses: rows %d-%d of %d", start, positions[-1], num_samples)
-        rows.flush()
-        del rows
-        if distributed:
-            torch.distributed.barrier()
-        if env.rank == 0:
-            os.replace(tmp_npy, npy_path)
-            meta = {"version": CACHE_FORMAT_VERSION, "reference_md5": file_md5(model_path),
-                    "reference_model": os.path.abspath(model_path),
-                    "stream": json.loads(json.dumps(stream_identity(config, plan.global_batch_size))),
-                    "shape": [num_samples, train.seq_length]}
-            with atomic_output(meta_path, "w") as handle:
-                json.dump(meta, handle, indent=1)
-            logger.info("wrote %s (%d samples x %d tokens)", npy_path, num_samples, train.seq_length)
-    except BaseException:
-        if env.rank == 0 and tmp_npy:
-            remove_quietly(tmp_npy)
-        raise
+        write_reference_losses(config, plan.global_batch_size, args.output, batch_size=args.batch_size)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()

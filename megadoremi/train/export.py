@@ -60,22 +60,28 @@ def export_model(engine, model_config: GPTConfig, run_dir: str, rank: int, pipel
     else:
         state = {k: v.detach().float().cpu() for k, v in module.state_dict().items()} if rank == 0 else None
     if rank == 0:
-        with torch.device("meta"):
-            expected = set(GPT(model_config).state_dict())
-        if set(state) != expected:
-            raise RuntimeError(f"export: parameter names do not match the GPT: {sorted(set(state) ^ expected)[:5]}")
-        tmp = temp_path_for(path)
-        try:
-            torch.save({"config": dataclasses.asdict(model_config), "state_dict": state}, tmp)
-            os.replace(tmp, path)
-        finally:
-            remove_quietly(tmp)
+        write_model_file(state, model_config, path)
         if pipeline:
             for part in glob.glob(os.path.join(run_dir, ".model-parts", "*.pt")):
                 remove_quietly(part)
             os.rmdir(os.path.join(run_dir, ".model-parts"))
     if dist.is_initialized():
         dist.barrier()
+    return path
+
+
+def write_model_file(state: dict, model_config: GPTConfig, path: str) -> str:
+    """Write ``{"config", "state_dict"}`` atomically after checking the names against the GPT; returns ``path``."""
+    with torch.device("meta"):
+        expected = set(GPT(model_config).state_dict())
+    if set(state) != expected:
+        raise RuntimeError(f"export: parameter names do not match the GPT: {sorted(set(state) ^ expected)[:5]}")
+    tmp = temp_path_for(path)
+    try:
+        torch.save({"config": dataclasses.asdict(model_config), "state_dict": state}, tmp)
+        os.replace(tmp, path)
+    finally:
+        remove_quietly(tmp)
     return path
 
 

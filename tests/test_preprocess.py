@@ -312,6 +312,18 @@ def test_mpi_launch_detection():
     assert mpi_launch_hint({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) is None
 
 
+def test_srun_tasks_without_a_working_mpi_world_are_refused(tmp_path, tokenizer_model):
+    """srun -n 2 without --mpi=pmi2: each task is an MPI world of 1 and would write the same outputs."""
+    good = write(tmp_path / "good.jsonl", b"\n".join(_GOOD))
+    env = {**os.environ, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}
+    command = [sys.executable, TOOL, "--input", good, "--output-prefix", str(tmp_path / "out" / "x"),
+               "--tokenizer-model", tokenizer_model]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode != 0
+    assert "launched as one of several tasks (SLURM_STEP_NUM_TASKS=2) but MPI sees a world of 1" in result.stderr
+    assert_nothing_left(str(tmp_path / "out"))
+
+
 def _mid_line_single_file(tmp_path) -> tuple[str, int]:
     """One file whose 2-rank split point falls inside a line, with a malformed line in rank 1's half."""
     texts = make_texts(200, seed=11)

@@ -119,6 +119,13 @@ def get_world_comm(mode: str):
             if hint else "--distributed mpi needs mpi4py (pip install mpi4py)"
         ) from None
     comm = MPI.COMM_WORLD
+    if hint is not None and comm.Get_size() == 1 and "=" in hint and _as_int(hint.split("=", 1)[1]) > 1:
+        # Every task would be its own world of 1 and write the same outputs to the same paths.
+        raise PreprocessError(
+            f"launched as one of several tasks ({hint}) but MPI sees a world of 1: the launcher gives MPI no "
+            "working process-management interface (with srun and pip's MPICH use srun --mpi=pmi2; or run "
+            "under mpiexec), or pass --distributed off and launch a single task"
+        )
     return comm if comm.Get_size() > 1 else None
 
 

@@ -1,13 +1,14 @@
 """``megadoremi-pipeline``: DoReMi end to end from a folder of per-domain jsonl files.
 
     megadoremi-pipeline --corpus DIR --workdir DIR [--preset tiny] [--nproc 2] [--steps N] [--rounds R]
+                        [--skip-main]
 
 Phases, each a normal training run in its own run directory (resumable, launched with torchrun / mpiexec /
 deepspeed), each skipped when its outputs are complete:
   tokenizer -> preprocess every domain -> per round r: reference on alpha_ref, DRO proxy -> alpha_bar
   (round r+1 uses alpha_bar as its alpha_ref; stops early when max |alpha_bar - alpha_ref| < 1e-3)
   -> two main models with the same budget: baseline (the first alpha_ref) and DoReMi (the last alpha_bar)
-  -> WORKDIR/eval.json and WORKDIR/report.md.
+  -> WORKDIR/eval.json and WORKDIR/report.md (``--skip-main``: stop after the weights; report.md has them).
 """
 
 import argparse
@@ -55,6 +56,11 @@ def _write_json(path: str, data) -> None:
 class Pipeline:
     def __init__(self, args):
         self.args = args
+        if args.nproc < 1:
+            raise PipelineError(f"--nproc: must be >= 1, got {args.nproc}")
+        if args.launcher == "python" and args.nproc != 1:
+            raise PipelineError(f"--launcher python starts one process; --nproc {args.nproc} needs torchrun, "
+                                "mpiexec or deepspeed")
         self.workdir = os.path.abspath(args.workdir)
         self.domains = find_domains(args.corpus)
         self.names = list(self.domains)
@@ -125,12 +131,16 @@ class Pipeline:
             node[leaf] = yaml.safe_load(value)
         return config
 
-    def launch(self, run_dir: str, config: dict) -> dict:
-        """Run one training phase (or reuse it when finished); returns its final.json."""
+    def launch(self, run_dir: str, config: dict | None) -> dict:
+        """Run one training phase (or reuse it when finished); returns its final.json. ``config`` None: the
+        phase must already be complete."""
         final = os.path.join(run_dir, "final.json")
         if os.path.exists(final):
             logger.info("phase %s: complete, reusing", os.path.relpath(run_dir, self.workdir))
-            return json.load(open(final))
+            with open(final) as handle:
+                return json.load(handle)
+        if config is None:
+            raise RuntimeError(f"phase {run_dir}: expected a finished run ({final} is missing)")
         os.makedirs(run_dir, exist_ok=True)
         config = {**config, "run_dir": run_dir}
         config_path = os.path.join(run_dir, "phase_config.yaml")
@@ -150,7 +160,10 @@ class Pipeline:
         else:
             command = [sys.executable, "-m", "megadoremi.train", config_path]
         logger.info("phase %s: %s", os.path.relpath(run_dir, self.workdir), " ".join(command))
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # One intra-op thread per core and rank unless the user chose (torchrun's default of 1 oversubscribes
+        # nothing but leaves a single rank on a many-core node with one core).
+        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
         result = subprocess.run(command + ["--resume", "auto"], env=env)
         if result.returncode != 0 or not os.path.exists(final):
             raise RuntimeError(f"phase {run_dir} failed (exit status {result.returncode}); see its output above. "
@@ -190,16 +203,29 @@ class Pipeline:
                 break
             alpha_ref = alpha_bar
         final_weights = rounds[-1]["weights_file"]
-        main_base = {**base, "model": {"preset": args.main_preset or args.preset}}
-        baseline_path = os.path.join(self.workdir, "runs", "baseline_weights.json")
-        _write_json(baseline_path, baseline_weights)
-        baseline = self.launch(os.path.join(self.workdir, "runs", "main_baseline"),
-                               {**main_base, "data": {**base["data"], "weights": baseline_path}})
-        doremi = self.launch(os.path.join(self.workdir, "runs", "main_doremi"),
-                             {**main_base, "data": {**base["data"], "weights": final_weights}})
+        if args.skip_main:
+            report = render_report(self.names, rounds, baseline_weights, None, args)
+            with atomic_output(os.path.join(self.workdir, "report.md"), "w") as handle:
+                handle.write(report)
+            return {"rounds": rounds, "eval": None, "report": report}
+        main_base = {**base, "model": {**base["model"], "preset": args.main_preset or args.preset}}
+        if main_base["model"] == base["model"]:
+            # Same preset, mixture (round 1's alpha_ref), steps, seed and settings as the round-1 reference: the
+            # baseline would be the very same (deterministic) training run, so it is not trained twice.
+            baseline_dir = os.path.join(self.workdir, "runs", "round1", "reference")
+            logger.info("baseline main model = the round-1 reference run (identical configuration)")
+            baseline = self.launch(baseline_dir, None)
+        else:
+            baseline_dir = os.path.join(self.workdir, "runs", "main_baseline")
+            baseline_path = os.path.join(self.workdir, "runs", "baseline_weights.json")
+            _write_json(baseline_path, baseline_weights)
+            baseline = self.launch(baseline_dir, {**main_base, "data": {**base["data"], "weights": baseline_path}})
+        doremi_dir = os.path.join(self.workdir, "runs", "main_doremi")
+        doremi = self.launch(doremi_dir, {**main_base, "data": {**base["data"], "weights": final_weights}})
         evaluation = {"baseline": baseline["eval"]["val_loss"], "doremi": doremi["eval"]["val_loss"]}
         _write_json(os.path.join(self.workdir, "eval.json"), evaluation)
-        report = render_report(self.names, rounds, baseline_weights, evaluation, args)
+        report = render_report(self.names, rounds, baseline_weights, evaluation, args,
+                               runs={"baseline": baseline_dir, "doremi": doremi_dir})
         with atomic_output(os.path.join(self.workdir, "report.md"), "w") as handle:
             handle.write(report)
         return {"rounds": rounds, "eval": evaluation, "report": report}
@@ -210,7 +236,7 @@ def summarize(losses: dict[str, float]) -> tuple[float, float, str]:
     return sum(losses.values()) / len(losses), losses[worst], worst
 
 
-def render_report(names, rounds, baseline_weights, evaluation, args) -> str:
+def render_report(names, rounds, baseline_weights, evaluation, args, runs: dict | None = None) -> str:
     """report.md: weights per round, per-domain validation loss of both main models, average and worst."""
     final = rounds[-1]["alpha_bar"]
     lines = [f"# DoReMi report\n",
@@ -224,10 +250,24 @@ def render_report(names, rounds, baseline_weights, evaluation, args) -> str:
     for name in names:
         lines.append(f"| {name} | {baseline_weights[name]:.4f} | " + " | ".join(
             f"{r['alpha_bar'][name]:.4f}" for r in rounds) + " |")
+    down = [n for n in names if final[n] < baseline_weights[n]]
     lines += ["", "Round convergence (max |alpha_bar - alpha_ref|): " + ", ".join(
-        f"round {r['round']}: {r['max_change']:.4g}" for r in rounds) + "\n"]
+        f"round {r['round']}: {r['max_change']:.4g}" for r in rounds) + "\n",
+              f"Weights file: `{rounds[-1]['weights_file']}`; Megatron `--data-path` line: "
+              f"`{os.path.join(os.path.dirname(rounds[-1]['weights_file']), 'data_path.txt')}`.\n"]
+    if evaluation is None:
+        lines += [f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}. "
+                  "Main models not trained (--skip-main).\n"]
+        return "\n".join(lines)
     baseline, doremi = evaluation["baseline"], evaluation["doremi"]
-    lines += ["## Validation loss of the main models (per token, nats)\n",
+    lines += ["## Validation loss of the main models (per token, nats)\n"]
+    if runs:
+        same = os.path.basename(runs["baseline"]) == "reference"
+        lines += [f"Runs: baseline `{runs['baseline']}`" + (
+            " (the round-1 reference: with the same preset, mixture, steps and seed the baseline main model is "
+            "the same training run, so it is not trained twice)" if same else "")
+            + f", DoReMi `{runs['doremi']}`.\n"]
+    lines += [
               "| domain | baseline | DoReMi | DoReMi - baseline |", "|---|---|---|---|"]
     for name in names:
         lines.append(f"| {name} | {baseline[name]:.4f} | {doremi[name]:.4f} | {doremi[name] - baseline[name]:+.4f} |")
@@ -239,7 +279,6 @@ def render_report(names, rounds, baseline_weights, evaluation, args) -> str:
     better_domains = sum(doremi[n] < baseline[n] for n in names)
     verdict_avg = "beats" if dor_avg < base_avg else "does not beat"
     verdict_worst = "beats" if dor_worst < base_worst else "does not beat"
-    down = [n for n in names if final[n] < baseline_weights[n]]
     lines += ["## Verdict\n",
               f"The DoReMi main model {verdict_avg} the baseline on average validation loss "
               f"({dor_avg:.4f} vs {base_avg:.4f}) and {verdict_worst} it on the worst domain "
@@ -277,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-samples", type=int, default=64, help="validation samples per domain")
     parser.add_argument("--step-size", type=float, default=1.0, help="DoReMi eta")
     parser.add_argument("--smoothing", type=float, default=1e-3, help="DoReMi c")
+    parser.add_argument("--skip-main", action="store_true",
+                        help="stop after the DoReMi weights (no baseline / DoReMi main models, no eval.json)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="extra config override for every phase (repeatable)")
     return parser

@@ -126,7 +126,7 @@ class ParallelConfig:
 class EvalConfig:
     interval: int = 0  # steps between evaluations; 0: only at the end
     max_samples_per_domain: int = 64
-    batch_size: int = 8
+    batch_size: int = 8  # per-rank validation micro-batch (pipeline runs use train.micro_batch_size)
 
     def validate(self) -> None:
         if self.interval < 0 or self.max_samples_per_domain <= 0 or self.batch_size <= 0:

@@ -2,7 +2,8 @@
 
 Reference: 1 rank, micro-batch 8. Every other layout sees the same 8-sample global batches, so the first 5
 steps' losses must agree to 1e-4 relative: ZeRO-0 vs ZeRO-3, 2 ranks x 4 vs 1 rank x 8, 2 accumulation steps x 4
-vs 1 x 8, 2 pipeline stages vs no pipeline, and activation checkpointing on vs off.
+vs 1 x 8, 2 pipeline stages vs no pipeline, and activation checkpointing on vs off. The final per-domain
+validation losses (7 samples per domain in micro-batches of 3: shares of 3 and 4 samples on 2 ranks) agree too.
 """
 
 import os
@@ -10,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers.launch import losses, run_training, write_config
+from tests.helpers.launch import losses, read_jsonl, run_training, write_config
 
 pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
 
@@ -33,8 +34,10 @@ def layout_losses(tiny_corpus, tmp_path_factory):
     results = {}
     for name, (launcher, nproc, overrides) in LAYOUTS.items():
         run_dir = str(root / name)
-        run_training(launcher, nproc, config, [f"--run_dir={run_dir}", *overrides])
+        evaluation = [] if "pipeline" in name else ["--eval.max_samples_per_domain=7", "--eval.batch_size=3"]
+        run_training(launcher, nproc, config, [f"--run_dir={run_dir}", *overrides, *evaluation])
         results[name] = losses(run_dir)
+        results[name + "/eval"] = read_jsonl(os.path.join(run_dir, "eval.jsonl"))[-1]["val_loss"]
     return results
 
 
@@ -54,3 +57,11 @@ def test_losses_are_not_trivially_equal(layout_losses):
     # The comparison is meaningful only if the loss moves during these steps.
     reference = layout_losses["reference_1rank_micro8"]
     assert reference[0] - reference[-1] > 0.05
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "reference_1rank_micro8" and "pipeline" not in name])
+def test_same_validation_losses_as_reference(layout_losses, layout):
+    reference, other = layout_losses["reference_1rank_micro8/eval"], layout_losses[layout + "/eval"]
+    assert len(reference) == 5 and sorted(reference) == sorted(other)
+    for domain in reference:
+        assert other[domain] == pytest.approx(reference[domain], rel=1e-4), domain

@@ -52,19 +52,41 @@ class TrainBatches:
 
 
 def eval_micro_batches(dataset, domain_id: int, plan: BatchPlan, data_parallel_rank: int,
-                       max_samples: int, multiple_of: int = 1) -> list[dict]:
+                       max_samples: int, multiple_of: int = 1, batch_size: int | None = None) -> list[dict]:
     """This rank's share of a domain's validation samples, as micro-batches.
 
-    Every rank gets the same number of micro-batches (ZeRO-3 gathers parameters collectively, and the pipeline
-    evaluates ``multiple_of`` micro-batches per call), so the count is rounded down to a multiple of
-    data-parallel size x micro batch x ``multiple_of``.
+    Every rank gets the same number of micro-batches (ZeRO-3 gathers parameters collectively in every forward,
+    and the pipeline evaluates ``multiple_of`` micro-batches per call).
+
+    - ``batch_size`` given (no pipeline): exactly the first ``min(len(dataset), max_samples)`` samples, whatever
+      the layout, so validation losses agree across data-parallel sizes. Rank r takes the r-th of R contiguous,
+      as-equal-as-possible shares and cuts it into ``ceil(largest share / batch_size)`` micro-batches of at most
+      ``batch_size``; a rank left without samples for a micro-batch gets one sample marked ``"padding": True``
+      (run forward to keep the collectives in step, not counted).
+    - ``batch_size`` None (pipeline stages, which need fixed micro-batch shapes): micro-batches of
+      ``plan.micro_batch_size``, the count rounded down to a multiple of data-parallel size x micro batch x
+      ``multiple_of``.
     """
-    per_round = plan.data_parallel_size * plan.micro_batch_size * multiple_of
-    count = (min(len(dataset), max_samples) // per_round) * per_round
-    per_rank = count // plan.data_parallel_size
-    first = data_parallel_rank * per_rank
+    dp_size = plan.data_parallel_size
+    if batch_size is None:
+        per_round = dp_size * plan.micro_batch_size * multiple_of
+        count = (min(len(dataset), max_samples) // per_round) * per_round
+        per_rank = count // dp_size
+        first = data_parallel_rank * per_rank
+        return [collate([{"tokens": dataset[i], "domain_id": domain_id}
+                         for i in range(offset, offset + plan.micro_batch_size)])
+                for offset in range(first, first + per_rank, plan.micro_batch_size)]
+    count = min(len(dataset), max_samples)
+    bounds = [count * r // dp_size for r in range(dp_size + 1)]
+    largest = max(bounds[r + 1] - bounds[r] for r in range(dp_size))
+    num_batches = -(-largest // batch_size)
+    mine = np.arange(bounds[data_parallel_rank], bounds[data_parallel_rank + 1])
     batches = []
-    for offset in range(first, first + per_rank, plan.micro_batch_size):
-        items = [{"tokens": dataset[i], "domain_id": domain_id} for i in range(offset, offset + plan.micro_batch_size)]
-        batches.append(collate(items))
+    for chunk in np.array_split(mine, num_batches) if num_batches else []:
+        if chunk.size == 0:
+            batch = collate([{"tokens": dataset[0], "domain_id": domain_id}])
+            batch["padding"] = True
+        else:
+            batch = collate([{"tokens": dataset[int(i)], "domain_id": domain_id} for i in chunk])
+        batches.append(batch)
     return batches

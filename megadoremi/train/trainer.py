@@ -211,7 +211,8 @@ class Trainer:
             if dataset is None:
                 continue
             batches = eval_micro_batches(dataset, domain_id, self.plan, self.dp_rank,
-                                         self.config.eval.max_samples_per_domain, multiple)
+                                         self.config.eval.max_samples_per_domain, multiple,
+                                         batch_size=None if self.pipeline else self.config.eval.batch_size)
             if self.pipeline:
                 saved, self.loss_stats = self.loss_stats, stats
                 try:
@@ -222,7 +223,9 @@ class Trainer:
             else:
                 for batch in batches:
                     tokens = batch["tokens"].to(self.device)
-                    stats.add(token_losses(self.engine(tokens[:, :-1]), tokens[:, 1:]), batch["domain_ids"])
+                    losses = token_losses(self.engine(tokens[:, :-1]), tokens[:, 1:])
+                    if not batch.get("padding"):
+                        stats.add(losses, batch["domain_ids"])
         sums, counts = stats.reduced(group=None if self.pipeline else self.dp_group)
         self.engine.train()
         per_domain = {name: float(sums[d] / counts[d]) for d, name in enumerate(self.domain_names) if counts[d] > 0}

@@ -126,10 +126,11 @@ class ParallelConfig:
 class EvalConfig:
     interval: int = 0  # steps between evaluations; 0: only at the end
     max_samples_per_domain: int = 64
-    batch_size: int = 8  # per-rank validation micro-batch (pipeline runs use train.micro_batch_size)
+    batch_size: int | None = None  # per-rank validation micro-batch; None: train.micro_batch_size (always so
+    # with pipeline stages, whose engine needs fixed micro-batch shapes)
 
     def validate(self) -> None:
-        if self.interval < 0 or self.max_samples_per_domain <= 0 or self.batch_size <= 0:
+        if self.interval < 0 or self.max_samples_per_domain <= 0 or (self.batch_size is not None and self.batch_size <= 0):
             raise ConfigError(
                 f"eval: interval must be >= 0 and max_samples_per_domain, batch_size > 0; got {self}"
             )

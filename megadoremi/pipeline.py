@@ -160,9 +160,10 @@ class Pipeline:
         else:
             command = [sys.executable, "-m", "megadoremi.train", config_path]
         logger.info("phase %s: %s", os.path.relpath(run_dir, self.workdir), " ".join(command))
-        # One intra-op thread per core and rank unless the user chose (torchrun's default of 1 oversubscribes
-        # nothing but leaves a single rank on a many-core node with one core).
-        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        # One intra-op thread per usable core and rank unless the user chose (torchrun's default of 1 leaves a
+        # single rank on a many-core node with one core).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc)))
         env = {**os.environ, "OMP_NUM_THREADS": threads}
         result = subprocess.run(command + ["--resume", "auto"], env=env)
         if result.returncode != 0 or not os.path.exists(final):
@@ -208,7 +209,7 @@ class Pipeline:
             with atomic_output(os.path.join(self.workdir, "report.md"), "w") as handle:
                 handle.write(report)
             return {"rounds": rounds, "eval": None, "report": report}
-        main_base = {**base, "model": {**base["model"], "preset": args.main_preset or args.preset}}
+        main_base = {**base, "model": {**base["model"], "preset": args.main_preset or base["model"]["preset"]}}
         if main_base["model"] == base["model"]:
             # Same preset, mixture (round 1's alpha_ref), steps, seed and settings as the round-1 reference: the
             # baseline would be the very same (deterministic) training run, so it is not trained twice.

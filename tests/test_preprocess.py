@@ -322,6 +322,11 @@ def test_srun_tasks_without_a_working_mpi_world_are_refused(tmp_path, tokenizer_
     assert result.returncode != 0
     assert "launched as one of several tasks (SLURM_STEP_NUM_TASKS=2) but MPI sees a world of 1" in result.stderr
     assert_nothing_left(str(tmp_path / "out"))
+    # mpiexec -n 1 inside such a step: the MPI launcher's own size (1) wins, and the single process runs.
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                            env={**env, "PMI_SIZE": "1", "PMI_RANK": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.exists(str(tmp_path / "out" / "x_text_document.idx"))
 
 
 def _mid_line_single_file(tmp_path) -> tuple[str, int]:
@@ -394,11 +399,24 @@ def large_input(tmp_path_factory) -> str:
     return write(tmp_path_factory.mktemp("large") / "large.jsonl", block * repeats)
 
 
+@pytest.fixture(scope="module")
+def interrupt_input(large_input, tmp_path_factory) -> str:
+    """4 x large_input (~96 MB, 7+ s of tokenizing with 2 workers): the signal lands mid-run even when the test
+    process is starved of CPU for seconds (with 24 MB a loaded 2-core host once let the run finish first)."""
+    path = tmp_path_factory.mktemp("interrupt") / "huge.jsonl"
+    with open(large_input, "rb") as source:
+        block = source.read()
+    with open(path, "wb") as handle:
+        for _ in range(4):
+            handle.write(block)
+    return str(path)
+
+
 @pytest.mark.parametrize("sig,workers,ranks,code", [(signal.SIGINT, 2, 0, 130), (signal.SIGTERM, 1, 0, 143),
                                                      (signal.SIGINT, 1, 2, 130)])
-def test_interrupt_leaves_nothing_behind(tmp_path, large_input, tokenizer_model, sig, workers, ranks, code):
+def test_interrupt_leaves_nothing_behind(tmp_path, interrupt_input, tokenizer_model, sig, workers, ranks, code):
     out, parts = tmp_path / "out", tmp_path / "parts"
-    command = [sys.executable, TOOL, "--input", large_input, "--output-prefix", out / "x", "--tokenizer-model",
+    command = [sys.executable, TOOL, "--input", interrupt_input, "--output-prefix", out / "x", "--tokenizer-model",
                tokenizer_model, "--workers", str(workers), "--chunk-bytes", "100000", "--tmp-dir", parts]
     if ranks:  # mpiexec forwards the signal to every rank
         command = [MPIEXEC, "-n", str(ranks), *command]

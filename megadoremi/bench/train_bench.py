@@ -227,6 +227,7 @@ class _TimedReference:
     def losses(self, batch: dict) -> torch.Tensor:
         started = time.perf_counter()
         losses = self.inner.losses(batch)
+        _synchronize(losses.device)  # on a GPU, the forward's time, not its launch
         self.seconds += time.perf_counter() - started
         return losses
 
@@ -257,10 +258,10 @@ class FrameworkLoop:
         _synchronize(trainer.device)
         trained = time.perf_counter()
         sums, counts = trainer._pipeline_reduced() if trainer.pipeline else trainer.loss_stats.reduced(trainer.dp_group)
-        if trainer.dro is not None:
-            trainer.dro.append_trajectory()
         loss = float(sums.sum() / counts.sum())
         reduced = time.perf_counter()
+        if trainer.dro is not None:
+            trainer.dro.append_trajectory()
         if (step + 1) % trainer.config.train.log_interval == 0 or step + 1 == self.num_steps:
             trainer._log_step(step + 1, loss, lr, reduced - started, sums, counts)
         logged = time.perf_counter()
@@ -684,7 +685,7 @@ def _proxy_result(bench, env, trainers, experiment, plan, device, bf16, gathered
 
 def _report_header(result: dict) -> list[str]:
     return [
-        f"megadoremi training benchmark ({result['mode']})  {result['date'][:19]}Z  torch {result['torch_version']}  "
+        f"megadoremi training benchmark ({result.get('mode', 'overhead')})  {result['date'][:19]}Z  torch {result['torch_version']}  "
         f"deepspeed {result['deepspeed_version']}",
         f"device: {result['device']} x {result['world_size']} rank(s) ({result['launcher']}), "
         f"{result['num_threads']} thread(s)/rank, {result['precision']}",
@@ -740,7 +741,7 @@ def _report_footer(result: dict) -> list[str]:
 def format_report(result: dict) -> str:
     """The human-readable table."""
     lines = _report_header(result)
-    if result["mode"] == "proxy":
+    if result.get("mode", "overhead") == "proxy":
         labels = {"plain": "plain (Trainer)", "proxy_live": "proxy, live reference",
                   "proxy_cached": "proxy, cached reference"}
         lines += [_side_line(labels[name], result[name]) for name in PROXY_LOOPS]

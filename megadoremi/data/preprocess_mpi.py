@@ -119,7 +119,11 @@ def get_world_comm(mode: str):
             if hint else "--distributed mpi needs mpi4py (pip install mpi4py)"
         ) from None
     comm = MPI.COMM_WORLD
-    if hint is not None and comm.Get_size() == 1 and "=" in hint and _as_int(hint.split("=", 1)[1]) > 1:
+    # An MPI launcher's own size variable outranks Slurm's (mpiexec -n 1 inside a multi-task srun step is fine).
+    mpi_sizes = [_as_int(os.environ[var]) for var in _SIZE_VARS[:3] if var in os.environ]
+    single_by_mpi = bool(mpi_sizes) and max(mpi_sizes) == 1
+    if hint is not None and comm.Get_size() == 1 and "=" in hint and _as_int(hint.split("=", 1)[1]) > 1 \
+            and not single_by_mpi:
         # Every task would be its own world of 1 and write the same outputs to the same paths.
         raise PreprocessError(
             f"launched as one of several tasks ({hint}) but MPI sees a world of 1: the launcher gives MPI no "

@@ -126,7 +126,9 @@ def write_reference_losses(config, global_batch_size: int, output: str, batch_si
     """Compute the cache for a proxy run of ``config`` with ``global_batch_size``; returns ``OUTPUT.npy``.
 
     Collective when torch.distributed is initialised: the rows are split across the ranks, each writes its share
-    into one memory-mapped file under a temporary name, and rank 0 renames it and writes ``OUTPUT.json`` last.
+    into one memory-mapped file under a temporary name, and rank 0 renames it and writes ``OUTPUT.json`` last
+    (a cache without its ``.json`` is refused). Ranks on several nodes need a filesystem whose shared-file writes
+    are coherent (Lustre, GPFS); over NFS run it on one node.
     """
     from megadoremi.data.blending import build_blended_dataset, load_domain_weights
     from megadoremi.train.data import collate
@@ -175,6 +177,7 @@ def write_reference_losses(config, global_batch_size: int, output: str, batch_si
         if distributed:
             torch.distributed.barrier()
         if rank == 0:
+            remove_quietly(meta_path)  # never pair new rows with an old description
             os.replace(tmp_npy, npy_path)
             meta = {"version": CACHE_FORMAT_VERSION, "reference_md5": file_md5(model_path),
                     "reference_model": os.path.abspath(model_path),

@@ -212,7 +212,8 @@ class Trainer:
                 continue
             batches = eval_micro_batches(dataset, domain_id, self.plan, self.dp_rank,
                                          self.config.eval.max_samples_per_domain, multiple,
-                                         batch_size=None if self.pipeline else self.config.eval.batch_size)
+                                         batch_size=None if self.pipeline else
+                                         self.config.eval.batch_size or self.plan.micro_batch_size)
             if self.pipeline:
                 saved, self.loss_stats = self.loss_stats, stats
                 try:

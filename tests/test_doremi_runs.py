@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.launch import REPO_ROOT, clean_env, read_jsonl, run_training, write_config
+from tests.helpers.launch import REPO_ROOT, clean_env, free_port, read_jsonl, run_training, write_config
 
 PROXY = ["--train.steps=6", "--doremi.enabled=true", "--doremi.order=lagged", "--doremi.check_consistency=true"]
 
@@ -111,6 +111,36 @@ def test_cached_reference_losses_equal_live(setup, layout_runs):
         f"--run_dir={setup['root'] / 'cached_bad'}", *PROXY, "--train.micro_batch_size=8", "--train.seed=99",
         f"--doremi.reference_model={setup['reference']}", f"--doremi.reference_losses={cache}"], check=False)
     assert result.returncode != 0 and "computed for another data stream" in result.stderr
+
+
+def _compute_cache(setup, output, nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    tool = [os.path.join(REPO_ROOT, "tools", "compute_reference_losses.py"), setup["config"], "--output", output,
+            "--train.steps=6", "--train.micro_batch_size=8", f"--doremi.reference_model={setup['reference']}",
+            "--proxy-world-size=1", "--batch-size=5"]
+    launch = [sys.executable] if nproc == 1 else [os.path.join(os.path.dirname(sys.executable), "torchrun"),
+                                                   "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    return subprocess.run(launch + tool, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_reference_cache_from_two_ranks_equals_one_rank_and_failures_stop_every_rank(setup, tmp_path):
+    one, two = str(tmp_path / "one" / "ref"), str(tmp_path / "two" / "ref")
+    for output, nproc in ((one, 1), (two, 2)):
+        result = _compute_cache(setup, output, nproc)
+        assert result.returncode == 0, result.stderr[-4000:]
+    # Rows split 24 / 24 and cut into batches of 5 differently: the same numbers up to GEMM blocking.
+    np.testing.assert_allclose(np.load(two + ".npy"), np.load(one + ".npy"), rtol=1e-5, atol=1e-6)
+    meta_one, meta_two = json.load(open(one + ".json")), json.load(open(two + ".json"))
+    assert meta_one["stream"] == meta_two["stream"] and meta_one["shape"] == [48, 32]
+    # Rank 0 cannot create the file (its folder is a regular file): both ranks stop at once with the reason,
+    # rank 1 is not left waiting in a barrier, and nothing that looks like a cache is left.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    result = _compute_cache(setup, str(blocker / "ref"), 2, timeout=240)
+    assert result.returncode != 0
+    assert "NotADirectoryError" in result.stderr or "Not a directory" in result.stderr
+    assert "another rank failed while creating the cache file" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["blocker", "one", "two"]
 
 
 def test_resume_mid_proxy_gives_the_same_weights(setup, layout_runs):

@@ -157,12 +157,30 @@ def write_reference_losses(config, global_batch_size: int, output: str, batch_si
         holder = [tmp_npy]
         torch.distributed.broadcast_object_list(holder, src=0)
         tmp_npy = holder[0]
-    try:
+
+    def agree(error: BaseException | None, what: str) -> None:
+        """Collective: every rank learns whether any rank failed ``what``, and all stop together (no rank is left
+        waiting in a barrier for one that died); the temporary file is removed."""
+        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+        if distributed:
+            torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if failed.item() == 0:
+            return
         if rank == 0:
+            remove_quietly(tmp_npy)
+        if error is not None:
+            raise error
+        raise RuntimeError(f"reference losses: another rank failed while {what}; see its error")
+
+    error = None
+    if rank == 0:
+        try:
             os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
             np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(num_samples, train.seq_length))
-        if distributed:
-            torch.distributed.barrier()
+        except BaseException as caught:  # noqa: BLE001 - re-raised by agree()
+            error = caught
+    agree(error, "creating the cache file")
+    try:
         rows = np.lib.format.open_memmap(tmp_npy, mode="r+")
         share = -(-num_samples // world_size)
         first, last = rank * share, min(num_samples, (rank + 1) * share)
@@ -174,9 +192,11 @@ def write_reference_losses(config, global_batch_size: int, output: str, batch_si
                 logger.info("reference losses: rows %d-%d of %d", start, positions[-1], num_samples)
         rows.flush()
         del rows
-        if distributed:
-            torch.distributed.barrier()
-        if rank == 0:
+    except BaseException as caught:  # noqa: BLE001 - re-raised by agree()
+        error = caught
+    agree(error, "computing its rows")
+    if rank == 0:
+        try:
             remove_quietly(meta_path)  # never pair new rows with an old description
             os.replace(tmp_npy, npy_path)
             meta = {"version": CACHE_FORMAT_VERSION, "reference_md5": file_md5(model_path),
@@ -186,10 +206,7 @@ def write_reference_losses(config, global_batch_size: int, output: str, batch_si
             with atomic_output(meta_path, "w") as handle:
                 json.dump(meta, handle, indent=1)
             logger.info("wrote %s (%d samples x %d tokens)", npy_path, num_samples, train.seq_length)
-    except BaseException:
-        if rank == 0 and tmp_npy:
-            remove_quietly(tmp_npy)
-        raise
-    if distributed:
-        torch.distributed.barrier()  # no rank opens the cache before it exists
+        except BaseException as caught:  # noqa: BLE001 - re-raised by agree()
+            error = caught
+    agree(error, "writing the cache's description")  # and no rank opens the cache before it exists
     return npy_path

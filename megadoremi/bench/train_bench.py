@@ -172,9 +172,8 @@ def write_synthetic_data(root: str, vocab_size: int, num_tokens_per_domain: int,
 
 def write_corpus_data(root: str, vocab_size: int, num_tokens_per_domain: int, seed: int) -> dict:
     """The demo corpus, a SentencePiece tokenizer of ``vocab_size`` pieces, one indexed dataset per domain."""
-    from megadoremi.data.demo_corpus import make_demo_corpus
-    from megadoremi.data.indexed_dataset import IndexedDatasetWriter, best_dtype
-    from megadoremi.data.tokenizer import Tokenizer, train_tokenizer
+    from megadoremi.data.demo_corpus import make_demo_corpus, tokenize_demo_files
+    from megadoremi.data.tokenizer import train_tokenizer
 
     corpus_dir = os.path.join(root, "corpus")
     # ~3 bytes per token with a small BPE vocabulary; short domains are oversampled (a warning), which is fine.
@@ -186,14 +185,7 @@ def write_corpus_data(root: str, vocab_size: int, num_tokens_per_domain: int, se
     except RuntimeError as error:
         raise ConfigError(f"--vocab-size {vocab_size}: cannot train a tokenizer of that size on the demo corpus "
                           f"({error}); use --data synthetic") from None
-    tokenizer = Tokenizer(model_prefix + ".model")
-    prefixes = {}
-    for name, path in files.items():
-        prefix = os.path.join(root, "data", f"{name}_text_document")
-        with open(path) as handle, IndexedDatasetWriter(prefix, best_dtype(tokenizer.vocab_size)) as writer:
-            for line in handle:
-                writer.add_document(np.asarray(tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eod]))
-        prefixes[name] = prefix
+    prefixes = tokenize_demo_files(files, model_prefix + ".model", os.path.join(root, "data"))
     return {"domains": prefixes, "tokenizer_model": model_prefix + ".model"}
 
 

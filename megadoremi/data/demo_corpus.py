@@ -399,3 +399,23 @@ def _random_char_docs(rng: random.Random) -> Iterator[str]:
             start += length
         yield " ".join(words)
 
+
+
+def tokenize_demo_files(files: dict[str, str], tokenizer_model: str, output_dir: str) -> dict[str, str]:
+    """Encode each domain's jsonl (``{"text": ...}`` per line) with the SentencePiece model into an indexed dataset
+    ``OUTPUT_DIR/<domain>_text_document`` (one document per line, EOD appended, as ``tools/preprocess_data.py
+    --append-eod`` writes it); returns the prefixes. A small in-process path for tests and benchmarks."""
+    import numpy as np
+
+    from megadoremi.data.indexed_dataset import IndexedDatasetWriter, best_dtype
+    from megadoremi.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_model)
+    prefixes = {}
+    for name, path in files.items():
+        prefix = os.path.join(output_dir, f"{name}_text_document")
+        with open(path) as handle, IndexedDatasetWriter(prefix, best_dtype(tokenizer.vocab_size)) as writer:
+            for line in handle:
+                writer.add_document(np.asarray(tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eod]))
+        prefixes[name] = prefix
+    return prefixes

@@ -1,12 +1,8 @@
 """A small tokenized multi-domain corpus for training tests, built once per test session."""
 
-import json
 import os
 
-import numpy as np
-
-from megadoremi.data.demo_corpus import make_demo_corpus
-from megadoremi.data.indexed_dataset import IndexedDatasetWriter, best_dtype
+from megadoremi.data.demo_corpus import make_demo_corpus, tokenize_demo_files
 from megadoremi.data.tokenizer import Tokenizer, train_tokenizer
 
 DOMAINS = ("stdlib_code", "licenses", "arithmetic", "boilerplate", "random_chars")
@@ -19,12 +15,6 @@ def build_tiny_corpus(root: str, bytes_per_domain: int = 120_000, vocab_size: in
     model_prefix = os.path.join(root, "tokenizer")
     train_tokenizer(corpus_dir, model_prefix, vocab_size, max_chars=300_000, seed=0)
     tokenizer = Tokenizer(model_prefix + ".model")
-    prefixes = {}
-    for name, path in files.items():
-        prefix = os.path.join(root, "data", f"{name}_text_document")
-        with open(path) as handle, IndexedDatasetWriter(prefix, best_dtype(tokenizer.vocab_size)) as writer:
-            for line in handle:
-                writer.add_document(np.asarray(tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eod]))
-        prefixes[name] = prefix
+    prefixes = tokenize_demo_files(files, model_prefix + ".model", os.path.join(root, "data"))
     return {"root": root, "tokenizer_model": model_prefix + ".model", "domains": prefixes,
             "vocab_size": tokenizer.vocab_size}

@@ -13,7 +13,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megadoremi-train=megadoremi.train.__main__:main",
-            "megadoremi-pipeline=megadoremi.pipeline:main",
+            "megadoremi-pipeline=megadoremi.workflow:main",
             "megadoremi-demo=megadoremi.demo:main",
             "megadoremi-compute-reference-losses=megadoremi.tools.compute_reference_losses:main",
             "megadoremi-plan-memory=megadoremi.tools.plan_memory:main",

@@ -151,6 +151,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class MixingConfig:
+    """How the sampling mixture evolves during the run (``megadoremi.data.mixing``)."""
+
+    method: str = "static"  # static: data.weights for the whole run (Megatron's blend) | schedule
+    schedule: str | None = None  # method schedule: JSON {"step": {domain: weight}, ...}, must list step 0
+    sampler: str = "stratified"  # dynamic methods draw through MixtureSampler: stratified | random
+
+    def validate(self) -> None:
+        from megadoremi.data.mixing import METHODS
+        from megadoremi.data.sampler import MODES
+
+        if self.method not in METHODS:
+            raise ConfigError(f"mixing.method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "schedule" and not self.schedule:
+            raise ConfigError("mixing.schedule: required with mixing.method=schedule (a JSON file "
+                              '{"0": {domain: weight}, "1000": {...}})')
+        if self.method != "schedule" and self.schedule:
+            raise ConfigError(f"mixing.schedule: only used with mixing.method=schedule, not {self.method!r}")
+        if self.sampler not in MODES:
+            raise ConfigError(f"mixing.sampler: must be one of {', '.join(MODES)}, got {self.sampler!r}")
+
+
+@dataclass
 class DoReMiConfig:
     """Group-DRO proxy training (DoReMi). Batches are sampled from data.weights (the reference mixture);
     the domain weights alpha_t only weight the loss."""
@@ -161,7 +184,8 @@ class DoReMiConfig:
     step_size: float = 1.0
     smoothing: float = 1e-3
     objective: str = "paper"  # paper (Eq. 1) | official (token-weighted, as the official repository)
-    order: str = "auto"  # paper: update alpha before backward (1 micro-batch/step) | lagged | auto
+    order: str = "auto"  # same_step: alpha_t from step t's own batch, before backward (Algorithm 1; one
+    # micro-batch per step) | lagged: step t's loss uses alpha_{t-1} | auto: same_step when possible
     initial_weights: str | dict[str, float] | None = None  # alpha_0; None: uniform
     check_consistency: bool = False  # debug: all-gather alpha every step and check every rank agrees
 
@@ -176,8 +200,11 @@ class DoReMiConfig:
             raise ConfigError(f"doremi.smoothing: must be in [0, 1], got {self.smoothing}")
         if self.objective not in ("paper", "official"):
             raise ConfigError(f"doremi.objective: must be paper or official, got {self.objective!r}")
-        if self.order not in ("auto", "paper", "lagged"):
-            raise ConfigError(f"doremi.order: must be auto, paper or lagged, got {self.order!r}")
+        if self.order == "paper":
+            raise ConfigError("doremi.order: 'paper' is now called 'same_step' (alpha_t from step t's own batch, "
+                              "updated between forward and backward, as in the paper's Algorithm 1)")
+        if self.order not in ("auto", "same_step", "lagged"):
+            raise ConfigError(f"doremi.order: must be auto, same_step or lagged, got {self.order!r}")
 
 
 @dataclass
@@ -189,21 +216,35 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
     doremi: DoReMiConfig = field(default_factory=DoReMiConfig)
 
     def validate(self) -> None:
         if not self.run_dir:
             raise ConfigError("run_dir: required")
-        if self.doremi.enabled and self.doremi.order == "paper" and (
+        if self.doremi.enabled and self.doremi.order == "same_step" and (
                 self.train.grad_accum > 1 or self.parallel.pipeline_stages > 1):
             raise ConfigError(
-                "doremi.order=paper updates alpha between the forward and the backward of the step's only "
+                "doremi.order=same_step updates alpha between the forward and the backward of the step's only "
                 "micro-batch; with train.grad_accum > 1 or pipeline stages the loss of step t must use alpha_{t-1} "
                 "(doremi.order=lagged, or auto)")
+        if self.doremi.enabled and self.mixing.method != "static":
+            raise ConfigError(f"mixing.method={self.mixing.method} with doremi.enabled: the DoReMi proxy samples "
+                              "from the fixed reference mixture (data.weights); only alpha changes")
+        if self.mixing.method != "static" and self.data.weights is not None:
+            raise ConfigError(f"data.weights with mixing.method={self.mixing.method}: the {self.mixing.method} "
+                              "policy gives the weights of every step, including step 0; drop one of them")
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
+        if self.mixing.method == "schedule":
+            from megadoremi.data.mixing import load_schedule
+
+            try:  # read now: a bad schedule file fails before any process group or model exists
+                load_schedule(self.mixing.schedule, list(self.data.domains))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from megadoremi import pipeline
+from megadoremi import workflow
 from megadoremi.data.demo_corpus import make_demo_corpus
 
 
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     corpus = os.path.join(args.workdir, "corpus")
     if not (os.path.isdir(corpus) and any(name.endswith(".jsonl") for name in os.listdir(corpus))):
         make_demo_corpus(corpus, seed=0)
-    return pipeline.main(["--corpus", corpus, "--workdir", args.workdir, "--steps", str(args.steps),
+    return workflow.main(["--corpus", corpus, "--workdir", args.workdir, "--steps", str(args.steps),
                           "--nproc", str(args.nproc), "--rounds", str(args.rounds), *extra])
 
 

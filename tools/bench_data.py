@@ -26,8 +26,9 @@ from megadoremi.data.blending_indices import build_blending_indices
 from megadoremi.data.demo_corpus import make_demo_corpus
 from megadoremi.data.gpt_dataset import GPTSampleDataset
 from megadoremi.data.indexed_dataset import IndexedDataset
-from megadoremi.data.preprocess import PreprocessConfig, run_preprocess
-from megadoremi.data.tokenizer import Tokenizer, train_tokenizer
+from megadoremi.data.preprocess import PreprocessConfig
+from megadoremi.data.preprocess_mpi import run_preprocess
+from megadoremi.data.tokenizer import train_tokenizer
 
 # 22 domain weights shaped like The Pile's (tiny entries included), normalised at use.
 PILE_LIKE_WEIGHTS = [0.1121, 0.1247, 0.0919, 0.0042, 0.0027, 0.1071, 0.1052, 0.0198, 0.0762, 0.0604, 0.0518,

@@ -3,12 +3,12 @@
 In one run, on every rank, two loops train the same GPT (same preset, shape, seed, so the same initial weights)
 on the same batches with the same optimiser settings and LR schedule:
 
-- **framework**: the real ``Trainer`` (DeepSpeed engine, blended dataset, per-domain loss statistics). One
-  timed step is the body of ``Trainer.run``'s loop without evaluation and checkpoints: ``get_lr``,
-  ``train_step`` (reading and collating the micro-batches from the memory-mapped datasets, moving them to the
-  device, forward, backward, ``engine.step``), the loss-statistics all-reduce, ``_log_step`` every
-  ``log_interval`` steps (metrics.jsonl, TensorBoard, the log line, the grad-norm query) and the stop-signal
-  all-reduce.
+- **framework**: the real ``Trainer`` (DeepSpeed engine, training stream, per-domain loss statistics). One
+  timed step is the body of ``Trainer.run``'s loop without evaluation and checkpoints: ``Trainer.step()``
+  (reading and collating the micro-batches from the memory-mapped datasets, moving them to the device, forward,
+  backward, ``engine.step``, the statistics all-reduce, the objective's and the mixture's end of step, the
+  metrics every ``log_interval`` steps: metrics.jsonl, TensorBoard, the log line, the grad-norm query) and
+  ``Trainer.stop_requested()`` (the stop-signal all-reduce).
 - **bare**: ``GPT`` + ``torch.optim.AdamW`` (same decay / no-decay groups) + ``clip_grad_norm_`` + the same
   ``LambdaLR`` schedule, gradient accumulation by dividing the loss. Its batches are the framework's, read
   before timing and already on the device, so its data fetch is a list lookup; one ``float(loss)`` per step
@@ -23,16 +23,8 @@ and activations, fp32 master weights and optimiser states) and the bare loop kee
 ``torch.autocast(bfloat16)`` (bf16 matmuls, fp32 optimiser): the matmuls, hence the counted FLOPs, are bf16 on
 both sides.
 
-FLOPs (PaLM appendix B / Megatron convention), per trained token, forward + backward::
-
-    flops_per_token = 6 * P_matmul + 12 * num_layers * inner * seq_length
-    P_matmul = num_layers * (4 * d_model * inner + k * d_model * ffn_dim) + d_model * padded_vocab
-
-with inner = num_heads * head_dim, k = 2 (GELU) or 3 (SwiGLU). P_matmul is every weight that multiplies
-activations: q, k, v and output projections, the MLP, and the logits projection (counted whether or not it is
-tied to the embedding); the embedding lookup, norms, rotary and softmax are not counted. The attention term is
-the QK^T and AV matmuls, 2 * 2 * seq * inner per layer per token forward, x3 for forward + backward, over the
-full seq x seq square; a causal kernel needs only half of it (``mfu_causal_attention`` counts that half).
+FLOPs per token: ``megadoremi.model.flops.flops_per_token`` (6 x matmul parameters, logits included, plus the
+attention scores over the full seq x seq square; ``mfu_causal_attention`` counts half of that square).
 MFU = tokens/s x flops_per_token / (peak per device x world size). The peak is the vendor's dense figure for
 known GPUs (bf16 tensor core, or fp32 without TF32), ``--peak-tflops`` when given, and otherwise (CPU, unknown
 GPU) a GEMM measured in this run on every rank at once: the best of several large square matmuls in the
@@ -62,9 +54,15 @@ import torch
 import torch.distributed as dist
 
 from megadoremi.config import ConfigError, config_from_dict
+from megadoremi.distributed.engine import lr_at, use_bf16
+from megadoremi.distributed.plan import resolve_batch_plan
+from megadoremi.doremi.reference import write_reference_losses
+from megadoremi.model.flops import FLOPS_FORMULA, flops_per_token
 from megadoremi.model.gpt import GPT, GPTConfig, token_losses
+from megadoremi.model.io import write_model_file
 from megadoremi.model.presets import PRESETS
-from megadoremi.train.plan import lr_at, resolve_batch_plan
+from megadoremi.train.build import build_model_config, build_stream_spec
+from megadoremi.train.trainer import Trainer
 from megadoremi.utils.logging import configure_logging, get_logger
 
 logger = get_logger(__name__)
@@ -81,43 +79,7 @@ GPU_PEAK_TFLOPS = (
     ("H200", 989.0, 67.0),
     ("A100", 312.0, 19.5),
 )
-FLOPS_FORMULA = (
-    "flops_per_token = 6 * P_matmul + 12 * num_layers * inner * seq_length; "
-    "P_matmul = num_layers * (4 * d_model * inner + k * d_model * ffn_dim) + d_model * padded_vocab "
-    "(inner = heads * head_dim, k = 2 GELU / 3 SwiGLU; logits matmul counted, embedding lookup, norms, rotary, "
-    "softmax not); attention = QK^T + AV, 4 * seq * inner per layer per token forward, x3 fwd+bwd, full "
-    "seq x seq square (causal half: mfu_causal_attention)"
-)
-
-
 # --- FLOPs and peak -------------------------------------------------------------------------------------
-
-
-def matmul_parameters(config: GPTConfig) -> int:
-    """Weights that multiply activations: attention and MLP matrices of every layer, and the logits matrix."""
-    d, inner = config.d_model, config.num_heads * config.head_dim
-    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.ffn_dim
-    return config.num_layers * (4 * d * inner + mlp) + d * config.padded_vocab_size
-
-
-@dataclass
-class FlopsPerToken:
-    """Training FLOPs per token (forward + backward), split into the dense and the attention-score parts."""
-
-    matmul_parameters: int
-    dense: int  # 6 * matmul_parameters
-    attention: int  # 12 * layers * inner * seq (full square)
-
-    @property
-    def total(self) -> int:
-        return self.dense + self.attention
-
-
-def flops_per_token(config: GPTConfig, seq_length: int) -> FlopsPerToken:
-    """``6 * P_matmul + 12 * num_layers * inner * seq_length`` (see the module docstring)."""
-    params = matmul_parameters(config)
-    attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq_length
-    return FlopsPerToken(params, 6 * params, attention)
 
 
 def lookup_peak_tflops(device_name: str, bf16: bool) -> float | None:
@@ -235,37 +197,31 @@ class FrameworkLoop:
         self.data = _TimedBatches(trainer.batches)
         trainer.batches = self.data
         self.reference = None
-        if trainer.dro is not None and trainer.dro.reference is not None:
-            self.reference = _TimedReference(trainer.dro.reference)
-            trainer.dro.reference = self.reference
+        if getattr(trainer.objective, "reference", None) is not None:
+            self.reference = _TimedReference(trainer.objective.reference)
+            trainer.objective.reference = self.reference
 
     def step(self, step: int) -> tuple[float, float, dict]:
-        """Train step ``step`` (0-based); returns (loss, seconds, seconds per part)."""
+        """Train step ``step`` (0-based, the trainer's next step); returns (loss, seconds, seconds per part)."""
         trainer = self.trainer
+        if trainer.next_step != step:
+            raise RuntimeError(f"framework loop: asked for step {step}, the trainer is at step {trainer.next_step}")
         if self.reference is not None:
             self.reference.seconds = 0.0
         started = time.perf_counter()
-        lr = trainer.engine.get_lr()[0]
-        trainer.train_step(step)
-        _synchronize(trainer.device)
-        trained = time.perf_counter()
-        sums, counts = trainer._pipeline_reduced() if trainer.pipeline else trainer.loss_stats.reduced(trainer.dp_group)
-        loss = float(sums.sum() / counts.sum())
-        reduced = time.perf_counter()
-        if trainer.dro is not None:
-            trainer.dro.append_trajectory()
-        if (step + 1) % trainer.config.train.log_interval == 0 or step + 1 == self.num_steps:
-            trainer._log_step(step + 1, loss, lr, reduced - started, sums, counts)
-        logged = time.perf_counter()
-        trainer._stop_requested()
+        record = trainer.step()
+        stepped = time.perf_counter()
+        trainer.stop_requested()
         ended = time.perf_counter()
+        seconds = trainer.last_step_seconds
         parts = {"data": self.data.seconds}
-        if trainer.dro is not None:
+        if self.trainer.objective.name == "doremi":
             # Reference losses (the live model's forward, or the cache read); 0 on pipeline stages without the loss.
             parts["reference"] = self.reference.seconds if self.reference is not None else 0.0
-        parts["forward_backward_step"] = trained - started - sum(parts.values())
-        parts.update({"loss_reduce": reduced - trained, "log": logged - reduced, "stop_check": ended - logged})
-        return loss, ended - started, parts
+        parts["forward_backward_step"] = seconds["train"] - sum(parts.values())
+        parts.update({"loss_reduce": seconds["reduce_update"], "log": seconds["log"] + (stepped - started
+                      - sum(seconds.values())), "stop_check": ended - stepped})
+        return record["loss"], ended - started, parts
 
 
 class BareLoop:
@@ -281,7 +237,7 @@ class BareLoop:
         self.optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
                                            weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_at(step, experiment) / train.lr)
+            self.optimizer, lambda step: lr_at(step, train) / train.lr)
         self.batches = batches  # [step][micro] -> tokens (micro_batch, seq + 1) on the device
 
     def step(self, step: int) -> tuple[float, float, dict]:
@@ -427,8 +383,6 @@ def _per_step_max(gathered: list[list[dict]], key) -> list[float]:
 
 def _overhead_loops(experiment, env, plan, device, bf16, total_steps):
     """The framework (Trainer) and bare loops of ``--mode overhead``; returns (loops, trainers)."""
-    from megadoremi.train.trainer import Trainer
-
     trainer = Trainer(experiment, env, plan)
     trainer.setup()
     batches = [[b["tokens"].to(device) for b in trainer.batches.micro_batches(step)] for step in range(total_steps)]
@@ -445,10 +399,6 @@ def _proxy_loops(bench, experiment_dict: dict, env, plan, workdir: str, total_st
     Same preset, seed, data stream and layout. The reference is a GPT of the proxy's shape with other random
     weights (what it computes does not change its cost), written as a ``model.pt`` like a finished reference run.
     """
-    from megadoremi.doremi.reference import write_reference_losses
-    from megadoremi.train.export import write_model_file
-    from megadoremi.train.trainer import Trainer
-
     reference_path = os.path.join(workdir, "reference", "model.pt")
     cache_prefix = os.path.join(workdir, "reference", "losses")
     live = {"enabled": True, "reference_model": reference_path}
@@ -459,7 +409,7 @@ def _proxy_loops(bench, experiment_dict: dict, env, plan, workdir: str, total_st
         "proxy_cached": config_from_dict({**experiment_dict, "run_dir": os.path.join(workdir, "run-proxy-cached"),
                                           "doremi": {**live, "reference_losses": cache_prefix}}),
     }
-    model_config = Trainer(configs["plain"], env, plan).build_model_config()
+    model_config = build_model_config(configs["plain"])
     if env.rank == 0:
         os.makedirs(os.path.dirname(reference_path), exist_ok=True)
         reference = GPT(model_config, seed=bench.seed + 1)
@@ -467,7 +417,8 @@ def _proxy_loops(bench, experiment_dict: dict, env, plan, workdir: str, total_st
                          reference_path)
     _barrier()
     logger.info("computing the reference-loss cache for %d steps", total_steps)
-    write_reference_losses(configs["proxy_live"], plan.global_batch_size, cache_prefix)
+    write_reference_losses(build_stream_spec(configs["proxy_live"], plan), reference_path, cache_prefix,
+                           bf16=use_bf16(configs["proxy_live"].train, torch.cuda.is_available()))
     trainers = {}
     for name, config in configs.items():
         trainers[name] = Trainer(config, env, plan)
@@ -504,7 +455,7 @@ def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
         data = _broadcast(data)
         experiment_dict = _experiment_dict(bench, data, workdir, total_steps)
         experiment = config_from_dict(experiment_dict)
-        plan = resolve_batch_plan(experiment, env.world_size)
+        plan = resolve_batch_plan(experiment.train, experiment.parallel, env.world_size)
         try:
             if bench.mode == "proxy":
                 loops, trainers = _proxy_loops(bench, experiment_dict, env, plan, workdir, total_steps)
@@ -638,8 +589,9 @@ def _result(bench, env, trainer, experiment, plan, device, bf16, gathered, gemm_
     result["loss_max_abs_diff"] = max(abs(losses["framework"][s] - losses["bare"][s]) for s in losses["bare"]) \
         if env.world_size == 1 else None
     result["includes"] = {
-        "framework": "get_lr, train_step (read + collate from the datasets, to device, forward, backward, "
-                     "engine.step), loss-statistics all-reduce, _log_step every log_interval, stop-flag all-reduce",
+        "framework": "Trainer.step (get_lr, read + collate from the datasets, to device, forward, backward, "
+                     "engine.step, statistics all-reduce, objective and mixture end of step, metrics every "
+                     "log_interval), Trainer.stop_requested (stop-flag all-reduce)",
         "bare": "list lookup of device-resident batches, forward, backward, clip_grad_norm_, AdamW.step, "
                 "zero_grad, LambdaLR.step, float(loss); no communication (per-rank copy when world_size > 1)",
     }
@@ -659,13 +611,13 @@ def _proxy_result(bench, env, trainers, experiment, plan, device, bf16, gathered
     # in model FLOPs, 4/3 under the 1 : 2 forward : backward convention.
     result["flops_ratio_live_reference"] = 4.0 / 3.0
     result["proxy_objective"] = experiment.doremi.objective
-    result["proxy_order"] = trainers[1].dro.order
+    result["proxy_order"] = trainers[1].objective.order
     # Live and cached reference give the proxy the same numbers: the two proxies' losses agree, step by step.
     losses = gathered[0]["losses"]
     result["loss_max_abs_diff_live_vs_cached"] = max(
         abs(losses["proxy_live"][step] - losses["proxy_cached"][step]) for step in losses["proxy_live"])
-    result["final_domain_weights"] = {name: trainer.dro.state.weights.tolist()
-                                      for name, trainer in zip(PROXY_LOOPS[1:], trainers[1:])}
+    result["final_doremi_alpha"] = {name: trainer.objective.state.weights.tolist()
+                                    for name, trainer in zip(PROXY_LOOPS[1:], trainers[1:])}
     result["includes"] = {
         "plain": "the Trainer step of a normal run (as --mode overhead's framework loop)",
         "proxy_live": "the same plus the DoReMi proxy: reference-model forward on every micro-batch, per-domain "
@@ -829,7 +781,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_train: {error}", file=sys.stderr)
         return 2
 
-    from megadoremi.distributed.env import discover_environment, init_distributed
+    from megadoremi.distributed.env import discover_environment, init_distributed, prepare_process_environment
+
+    prepare_process_environment()
 
     env = discover_environment()
     configure_logging(rank=env.rank)

@@ -271,7 +271,8 @@ def megatron_samples_per_domain(weights: np.ndarray, num_samples: int) -> tuple[
     return targets, buffered
 
 
-def _domain_range(indexed: IndexedDataset, split: str, split_index: int) -> tuple[int, int]:
+def domain_document_range(indexed: IndexedDataset, split: str, split_index: int) -> tuple[int, int]:
+    """The documents ``[start, end)`` of part ``split_index`` of ``split`` (Megatron's "969,30,1" form)."""
     ranges = split_document_ranges(len(indexed), split)
     if not 0 <= split_index < len(ranges):
         raise ValueError(f"split_index {split_index} out of range for split {split!r} ({len(ranges)} parts)")
@@ -318,7 +319,7 @@ def build_blended_dataset(
         indexed = IndexedDataset(domain_prefixes[domain])
         datasets[domain] = GPTSampleDataset(
             indexed,
-            document_range=_domain_range(indexed, split, split_index),
+            document_range=domain_document_range(indexed, split, split_index),
             seq_length=seq_length,
             num_samples=max(buffered[position], counts[position]),
             seed=domain_seed(seed, d),
@@ -353,7 +354,7 @@ def build_domain_eval_datasets(
     eval_datasets = {}
     for d, (domain, prefix) in enumerate(domain_prefixes.items()):
         indexed = IndexedDataset(prefix)
-        start, end = _domain_range(indexed, split, split_index)
+        start, end = domain_document_range(indexed, split, split_index)
         num_samples = None  # one epoch
         if max_samples_per_domain is not None and int(seq_length) == seq_length and seq_length >= 1:
             tokens = int(indexed.sequence_lengths[start:end].sum(dtype=np.int64))

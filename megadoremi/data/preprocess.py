@@ -15,6 +15,8 @@ the same documents. Deliberate differences from Megatron:
 - ``append_eod`` appends ``Tokenizer.eod`` (the model's eos), as Megatron's ``GPTSentencePieceTokenizer`` does.
   Megatron's ``SentencePieceTokenizer`` would append an extra ``<EOD>`` id past the model's vocabulary instead.
 
+Entry point: ``megadoremi.data.preprocess_mpi.run_preprocess`` (one process, or MPI ranks when launched so).
+
 Pipeline: the main process reads each file as raw bytes and cuts it into chunks ending at a newline (it never
 looks at single lines: one ``count(b"\\n")`` per chunk gives the line numbers), workers decode, parse, validate
 and batch-encode a chunk and send back numpy arrays (concatenated tokens and lengths per key, plus counters and
@@ -659,17 +661,6 @@ def load_tokenizer(model_path: str):
         return Tokenizer(model_path)
     except (OSError, ValueError) as error:
         raise PreprocessError(f"--tokenizer-model: {error}") from None
-
-
-def run_preprocess(config: PreprocessConfig) -> PreprocessStats:
-    """Tokenize ``config.inputs`` into one dataset per JSON key; distributed over MPI ranks when launched so."""
-    config.validate()
-    from megadoremi.data.preprocess_mpi import get_world_comm, run_distributed
-
-    comm = get_world_comm(config.distributed)
-    if comm is not None:
-        return run_distributed(config, comm)
-    return run_single(config)
 
 
 def run_single(config: PreprocessConfig, start_method: str | None = None) -> PreprocessStats:

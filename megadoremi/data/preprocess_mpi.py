@@ -52,6 +52,7 @@ from megadoremi.data.preprocess import (
     load_tokenizer,
     log_summary,
     resolve_inputs,
+    run_single,
     tokenize_ranges,
 )
 from megadoremi.utils.fs import temp_path_for
@@ -275,6 +276,16 @@ class _DeferredSignals:
             yield
         finally:
             self.defer()
+
+
+def run_preprocess(config: PreprocessConfig) -> PreprocessStats:
+    """Tokenize ``config.inputs`` into one dataset per JSON key: over MPI ranks when launched so (``mpiexec``,
+    ``srun``; see ``config.distributed``), else in this process (``run_single``)."""
+    config.validate()
+    comm = get_world_comm(config.distributed)
+    if comm is not None:
+        return run_distributed(config, comm)
+    return run_single(config)
 
 
 def run_distributed(config: PreprocessConfig, comm) -> PreprocessStats:

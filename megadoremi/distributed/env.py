@@ -13,7 +13,25 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
+
+
+def prepare_process_environment() -> None:
+    """Settings for DeepSpeed's JIT-compiled ops; entry points call this before DeepSpeed starts.
+
+    DeepSpeed compiles small C++ ops (on CPU: its shared-memory communication op) into TORCH_EXTENSIONS_DIR: keep
+    them per environment, so two checkouts or virtualenvs never rebuild each other's copy back and forth. torch
+    builds them with whichever ``ninja`` is first on PATH; a system ninja (1.11: log v5, MurmurHash) and the
+    environment's pip ninja (1.13: log v7, another hash) each take the other's build for a different command and
+    rebuild it (30-100 s per DeepSpeed start), so inside a virtualenv the environment's own ninja goes first.
+    Only sets what the user has not set; child processes (launchers' workers) inherit it.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    bindir = os.path.dirname(sys.executable)
+    if sys.prefix != sys.base_prefix and os.path.exists(os.path.join(bindir, "ninja")) \
+            and os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
 @dataclass
@@ -144,6 +162,7 @@ def init_distributed(env: DistributedEnv | None = None, backend: str | None = No
     """Initialise torch.distributed (through DeepSpeed's comm layer): gloo on CPU, nccl on CUDA."""
     import datetime
 
+    prepare_process_environment()
     import deepspeed
     import torch
 
@@ -160,6 +179,7 @@ def init_distributed(env: DistributedEnv | None = None, backend: str | None = No
 
 def prebuild_deepspeed_ops() -> None:
     """Compile the ops DeepSpeed would otherwise JIT-compile at the first distributed start (set-up time)."""
+    prepare_process_environment()
     import deepspeed  # noqa: F401  (selects the accelerator)
     from deepspeed.accelerator import get_accelerator
 

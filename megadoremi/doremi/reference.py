@@ -3,7 +3,8 @@ cache computed once (``tools/compute_reference_losses.py``) and memory-mapped du
 
 The cache is one float32 array (samples, seq_length) indexed by the sample's position in the proxy's training
 stream (step x global batch + offset), so it serves any parallel layout. Its JSON description records the
-reference model's md5 and the data stream's identity; a mismatch is an error, never a silent reuse.
+reference model's md5 and the training stream's identity (``TrainStreamSpec.identity()``, from the same builder
+the trainer uses); a mismatch is an error, never a silent reuse.
 """
 
 import hashlib
@@ -13,14 +14,16 @@ import os
 import numpy as np
 import torch
 
+from megadoremi.data.batches import collate
+from megadoremi.data.stream import TrainStreamSpec, build_train_stream
 from megadoremi.model.gpt import GPT, GPTConfig, token_losses
-from megadoremi.train.export import load_exported_model
+from megadoremi.model.io import load_exported_model, model_file_path
 from megadoremi.utils.fs import atomic_output, remove_quietly, temp_path_for
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the stream identity is TrainStreamSpec.identity()
 
 
 def file_md5(path: str, chunk_bytes: int = 1 << 24) -> str:
@@ -29,10 +32,6 @@ def file_md5(path: str, chunk_bytes: int = 1 << 24) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def reference_model_path(path: str) -> str:
-    return os.path.join(path, "model.pt") if os.path.isdir(path) else path
 
 
 def check_reference_config(reference: GPTConfig, proxy: GPTConfig, path: str) -> None:
@@ -54,7 +53,7 @@ class LiveReference:
     """A frozen reference GPT on this rank (ZeRO-3 partitioned when the proxy is)."""
 
     def __init__(self, path: str, proxy_config: GPTConfig, device, dtype, zero3_ds_config: dict | None = None):
-        path = reference_model_path(path)
+        path = model_file_path(path)
         config, state = load_exported_model(path)
         check_reference_config(config, proxy_config, path)
         self.device, self.engine = device, None
@@ -85,13 +84,6 @@ class LiveReference:
         return token_losses(self.model(tokens[:, :-1]), tokens[:, 1:]).float()
 
 
-def stream_identity(config, global_batch_size: int) -> dict:
-    """What determines the proxy's sample stream (the cache's rows)."""
-    data, train = config.data, config.train
-    return {"domains": dict(data.domains), "weights": data.weights, "split": data.split, "seed": train.seed,
-            "seq_length": train.seq_length, "num_samples": train.steps * global_batch_size}
-
-
 class CachedReference:
     """Memory-mapped per-token reference losses, rows = positions in the proxy's training stream."""
 
@@ -103,11 +95,12 @@ class CachedReference:
         with open(meta_path) as handle:
             meta = json.load(handle)
         if meta.get("version") != CACHE_FORMAT_VERSION:
-            raise ValueError(f"doremi.reference_losses: {meta_path}: unsupported cache version {meta.get('version')}")
-        if json.loads(json.dumps(expected_identity)) != meta["stream"]:
-            diff = sorted(k for k in expected_identity if meta["stream"].get(k) != json.loads(
-                json.dumps(expected_identity))[k])
-            raise ValueError(f"doremi.reference_losses: {path} was computed for another data stream "
+            raise ValueError(f"doremi.reference_losses: {meta_path}: cache version {meta.get('version')} (this "
+                             f"version reads {CACHE_FORMAT_VERSION}); recompute it")
+        expected = json.loads(json.dumps(expected_identity))
+        if expected != meta["stream"]:
+            diff = sorted(k for k in set(expected) | set(meta["stream"]) if meta["stream"].get(k) != expected.get(k))
+            raise ValueError(f"doremi.reference_losses: {path} was computed for another training stream "
                              f"(differs in {diff}); recompute it")
         if reference_md5 is not None and meta["reference_md5"] != reference_md5:
             raise ValueError(f"doremi.reference_losses: {path} was computed with another reference model "
@@ -122,35 +115,51 @@ class CachedReference:
         return torch.from_numpy(np.ascontiguousarray(self.losses_array[positions], dtype=np.float32))
 
 
-def write_reference_losses(config, global_batch_size: int, output: str, batch_size: int = 16) -> str:
-    """Compute the cache for a proxy run of ``config`` with ``global_batch_size``; returns ``OUTPUT.npy``.
+def build_reference(doremi, model_config: GPTConfig, stream_identity: dict, device, dtype,
+                    zero3_ds_config: dict | None, computes_losses: bool):
+    """The reference of a proxy run (``doremi``: a DoReMiConfig): a ``CachedReference`` when
+    ``doremi.reference_losses`` is set (validated against ``stream_identity`` and the reference model's md5),
+    else a ``LiveReference``; None on ranks that compute no losses (pipeline stages before the last)."""
+    reference_md5 = None
+    if doremi.reference_model:
+        path = model_file_path(doremi.reference_model)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"doremi.reference_model: {path} not found (a finished reference run "
+                                    "writes RUN_DIR/model.pt)")
+        reference_md5 = file_md5(path)
+    if doremi.reference_losses:
+        return CachedReference(doremi.reference_losses, stream_identity, reference_md5)
+    if not computes_losses:
+        return None
+    return LiveReference(doremi.reference_model, model_config, device, dtype, zero3_ds_config)
 
-    Collective when torch.distributed is initialised: the rows are split across the ranks, each writes its share
-    into one memory-mapped file under a temporary name, and rank 0 renames it and writes ``OUTPUT.json`` last
-    (a cache without its ``.json`` is refused). Ranks on several nodes need a filesystem whose shared-file writes
-    are coherent (Lustre, GPFS); over NFS run it on one node.
+
+def write_reference_losses(spec: TrainStreamSpec, reference_model: str, output: str, bf16: bool = False,
+                           batch_size: int = 16) -> str:
+    """Compute the cache for a proxy run whose training stream is ``spec``; returns ``OUTPUT.npy``.
+
+    ``reference_model``: a reference run directory or its ``model.pt``; ``bf16``: run the reference in bf16 (on
+    a GPU). Collective when torch.distributed is initialised: the rows are split across the ranks, each writes its
+    share into one memory-mapped file under a temporary name, and rank 0 renames it and writes ``OUTPUT.json``
+    last (a cache without its ``.json`` is refused). Ranks on several nodes need a filesystem whose shared-file
+    writes are coherent (Lustre, GPFS); over NFS run it on one node.
     """
-    from megadoremi.data.blending import build_blended_dataset, load_domain_weights
-    from megadoremi.train.data import collate
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
     world_size = torch.distributed.get_world_size() if distributed else 1
-    if not config.doremi.reference_model:
+    if not reference_model:
         raise ValueError("doremi.reference_model: required to compute reference losses")
-    data, train = config.data, config.train
-    names = list(data.domains)
-    weights = load_domain_weights(data.weights, names) if data.weights is not None else [1 / len(names)] * len(names)
-    num_samples = train.steps * global_batch_size
-    dataset = build_blended_dataset(dict(data.domains), [float(w) for w in weights], num_samples,
-                                    seq_length=train.seq_length, seed=train.seed, split=data.split, split_index=0,
-                                    cache_dir=data.cache_dir)
-    model_path = reference_model_path(config.doremi.reference_model)
+    if spec.kind != "blend":
+        raise ValueError("reference-loss caches need a static mixture (mixing.method=static): the rows of a "
+                         "dynamic mixture depend on training")
+    stream = build_train_stream(spec)
+    num_samples, seq_length, global_batch = spec.num_samples, spec.seq_length, spec.global_batch_size
+    model_path = model_file_path(reference_model)
     model_config, _ = load_exported_model(model_path)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda and train.precision != "fp32" else torch.float32
-    reference = LiveReference(model_path, model_config, device, dtype)
+    reference = LiveReference(model_path, model_config, device, torch.bfloat16 if bf16 else torch.float32)
     npy_path, meta_path = output + ".npy", output + ".json"
     tmp_npy = temp_path_for(npy_path) if rank == 0 else None
     if distributed:
@@ -176,7 +185,7 @@ def write_reference_losses(config, global_batch_size: int, output: str, batch_si
     if rank == 0:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
-            np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(num_samples, train.seq_length))
+            np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(num_samples, seq_length))
         except BaseException as caught:  # noqa: BLE001 - re-raised by agree()
             error = caught
     agree(error, "creating the cache file")
@@ -186,7 +195,7 @@ def write_reference_losses(config, global_batch_size: int, output: str, batch_si
         first, last = rank * share, min(num_samples, (rank + 1) * share)
         for start in range(first, last, batch_size):
             positions = range(start, min(last, start + batch_size))
-            batch = collate([dataset[i] for i in positions], positions)
+            batch = collate([stream.read(p // global_batch, [p % global_batch])[0] for p in positions], positions)
             rows[start:start + len(positions)] = reference.losses(batch).cpu().numpy()
             if (start - first) // batch_size % 50 == 0:
                 logger.info("reference losses: rows %d-%d of %d", start, positions[-1], num_samples)
@@ -201,11 +210,11 @@ def write_reference_losses(config, global_batch_size: int, output: str, batch_si
             os.replace(tmp_npy, npy_path)
             meta = {"version": CACHE_FORMAT_VERSION, "reference_md5": file_md5(model_path),
                     "reference_model": os.path.abspath(model_path),
-                    "stream": json.loads(json.dumps(stream_identity(config, global_batch_size))),
-                    "shape": [num_samples, train.seq_length]}
+                    "stream": json.loads(json.dumps(spec.identity())),
+                    "shape": [num_samples, seq_length]}
             with atomic_output(meta_path, "w") as handle:
                 json.dump(meta, handle, indent=1)
-            logger.info("wrote %s (%d samples x %d tokens)", npy_path, num_samples, train.seq_length)
+            logger.info("wrote %s (%d samples x %d tokens)", npy_path, num_samples, seq_length)
         except BaseException as caught:  # noqa: BLE001 - re-raised by agree()
             error = caught
     agree(error, "writing the cache's description")  # and no rank opens the cache before it exists

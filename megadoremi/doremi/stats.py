@@ -1,18 +1,18 @@
-"""Per-domain excess-loss statistics: two length-k float64 vectors (sums, counts) and their reduction.
+"""Per-domain excess-loss statistics: two length-k float64 vectors (sums, counts) per micro-batch, and lambda_t.
 
 DoReMi's lambda_t is a *global* statistic: for each domain, the clipped per-token excess loss summed over every
 token of that domain in the whole global batch (all micro-batches of the step, all data-parallel ranks),
-divided by the number of those tokens. So each micro-batch contributes sums and counts, they are added up over
-the step's micro-batches, all-reduced with SUM over the data-parallel group, and only then divided
+divided by the number of those tokens. So each micro-batch contributes sums and counts (``excess_loss_stats``),
+they are added up over the step's micro-batches and all-reduced with SUM over the data-parallel group
+(``megadoremi.distributed.stats.DomainStats``, the one per-domain statistics class), and only then divided
 (``domain_excess_loss``). Averaging per-rank means would weight ranks instead of tokens; gathering per-token
-tensors is unnecessary. Reductions take the process group as an argument; nothing here is module-level state.
+tensors is unnecessary. Everything here is pure: no process groups.
 """
 
 import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megadoremi.doremi.weights import check_finite, like_input, to_float64_numpy
 
@@ -53,7 +53,7 @@ def count_domain_tokens(domain_ids, num_domains: int, loss_mask=None, seq_length
     """Per-domain number of counted tokens (k,) float64: ``loss_mask != 0`` per row, or ``seq_length`` each.
 
     Needs only the data (domain ids and masks), not a forward pass: summed over a step's micro-batches and
-    all-reduced (``all_reduce_sum``), it gives the global counts ``proxy_loss(domain_token_counts=...)`` needs
+    all-reduced (``DomainStats``), it gives the global counts ``proxy_loss(domain_token_counts=...)`` needs
     before the first backward of the step. Give exactly one of ``loss_mask`` (batch, seq) and ``seq_length``.
     """
     num_domains = _check_num_domains(num_domains)
@@ -110,69 +110,6 @@ def excess_loss_stats(proxy_losses: torch.Tensor, reference_losses, domain_ids, 
     counts = torch.zeros(num_domains, dtype=torch.float64, device=device).index_add_(0, domain_ids,
                                                                                      tokens_per_row)
     return sums, counts
-
-
-def all_reduce_sum(vector: torch.Tensor, group=None) -> torch.Tensor:
-    """SUM of ``vector`` over ``group`` (None: the default group), as a new tensor; a copy when not distributed."""
-    result = vector.detach().clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(result, op=dist.ReduceOp.SUM, group=group)
-    return result
-
-
-def _reduce_pair(sums: torch.Tensor, counts: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    # One collective for both vectors: [sums (k), counts (k)].
-    packed = all_reduce_sum(torch.cat([sums, counts]), group=group)
-    num_domains = sums.shape[0]
-    return packed[:num_domains], packed[num_domains:]
-
-
-class DomainExcessAccumulator:
-    """Adds up a step's per-micro-batch excess-loss (sums, counts) on ``device``; ``reduce`` sums over ranks.
-
-    Usage per optimizer step: ``reset()``; ``add(...)`` for every micro-batch; ``reduce(group=dp_group)`` once
-    (every rank of the group must call it) -> global (sums, counts) for ``domain_excess_loss``. The device must
-    suit the group's backend (CPU for gloo, the rank's GPU for NCCL).
-    """
-
-    def __init__(self, num_domains: int, device="cpu"):
-        self.num_domains = _check_num_domains(num_domains)
-        self.device = torch.device(device)
-        self.reset()
-
-    def reset(self) -> None:
-        """Zero the running sums and counts (start of a step)."""
-        self.sums = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
-        self.counts = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
-
-    def add(self, proxy_losses: torch.Tensor, reference_losses, domain_ids, loss_mask=None) -> None:
-        """Add one micro-batch: losses (batch, seq), domain_ids (batch,), optional loss_mask (batch, seq)."""
-        sums, counts = excess_loss_stats(proxy_losses, reference_losses, domain_ids, self.num_domains, loss_mask)
-        self.sums += sums.to(self.device)
-        self.counts += counts.to(self.device)
-
-    def reduce(self, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All-reduce (SUM) [sums, counts] over ``group``; returns new (k,) tensors, the local state is kept."""
-        return _reduce_pair(self.sums, self.counts, group)
-
-
-def reduce_from_last_stage(sums: torch.Tensor, counts: torch.Tensor, is_last_stage: bool, group=None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pipeline parallelism: every rank of ``group`` gets the SUM of the last stages' (sums, counts).
-
-    Only the last pipeline stage computes losses. Ranks that are not on it contribute zeros (their ``sums`` and
-    ``counts`` give only shape, dtype and device), so an all-reduce over the whole world (``group=None``), or
-    any group holding all last-stage data-parallel ranks plus the ranks that need the result, both reduces
-    over the last stage's data-parallel group and hands the k-vectors to every stage in one collective.
-    Exactly one rank per data-parallel replica may pass ``is_last_stage=True`` (with tensor parallelism, only
-    one rank of the last stage's tensor-parallel group), or its tokens are counted twice.
-    """
-    if sums.shape != counts.shape or sums.dim() != 1:
-        raise ValueError(f"sums and counts must be (k,) vectors of one shape, got {tuple(sums.shape)} and "
-                         f"{tuple(counts.shape)}")
-    if not is_last_stage:
-        sums, counts = torch.zeros_like(sums), torch.zeros_like(counts)
-    return _reduce_pair(sums, counts, group)
 
 
 def domain_excess_loss(sums, counts, previous):

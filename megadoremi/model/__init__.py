@@ -1,4 +1,5 @@
-"""The GPT model (plain PyTorch, no torch.distributed) and its DeepSpeed pipeline form."""
+"""The GPT model (plain PyTorch, no torch.distributed), its presets and DeepSpeed pipeline form, the model.pt file
+format (``io``) and the FLOPs formula (``flops``)."""
 
 from megadoremi.model.gpt import GPT, GPTConfig, token_losses
 from megadoremi.model.presets import PRESETS, gpt_config_from_preset

@@ -5,8 +5,8 @@
 
 Rows follow the proxy's training stream exactly (sample position = step x global batch + offset), so the proxy
 can use the cache with any parallel layout: ``--doremi.reference_losses=DIR/ref_losses``. Writes
-``ref_losses.npy`` (float32, samples x seq_length) and ``ref_losses.json`` (reference md5 + stream identity),
-under temporary names renamed at the end.
+``ref_losses.npy`` (float32, samples x seq_length) and ``ref_losses.json`` (reference md5 + the training
+stream's identity, from the same stream builder the trainer uses), under temporary names renamed at the end.
 """
 
 import argparse
@@ -17,11 +17,14 @@ import torch
 
 def main(argv=None) -> int:
     from megadoremi.config import ConfigError, load_config
-    from megadoremi.distributed.env import discover_environment, init_distributed
+    from megadoremi.distributed.engine import use_bf16
+    from megadoremi.distributed.env import discover_environment, init_distributed, prepare_process_environment
+    from megadoremi.distributed.plan import resolve_batch_plan
     from megadoremi.doremi.reference import write_reference_losses
-    from megadoremi.train.plan import resolve_batch_plan
+    from megadoremi.train.build import build_stream_spec
     from megadoremi.utils.logging import configure_logging
 
+    prepare_process_environment()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--output", required=True, help="path prefix: writes PREFIX.npy and PREFIX.json")
@@ -35,7 +38,8 @@ def main(argv=None) -> int:
         config = load_config(args.config, overrides)
         if not config.doremi.reference_model:
             raise ConfigError("doremi.reference_model: required to compute reference losses")
-        plan = resolve_batch_plan(config, args.proxy_world_size or env.world_size)
+        plan = resolve_batch_plan(config.train, config.parallel, args.proxy_world_size or env.world_size)
+        spec = build_stream_spec(config, plan)
     except ConfigError as error:
         print(f"compute_reference_losses: config error: {error}", file=sys.stderr)
         return 2
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
     if distributed:
         init_distributed(env)
     try:
-        write_reference_losses(config, plan.global_batch_size, args.output, batch_size=args.batch_size)
+        write_reference_losses(spec, config.doremi.reference_model, args.output,
+                               bf16=use_bf16(config.train, torch.cuda.is_available()), batch_size=args.batch_size)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()

@@ -9,7 +9,7 @@ checkpointing and precision from an experiment YAML; explicit flags win. The bat
 ``micro x grad_accum x (GPUs / pipeline)`` against ``--global-batch-size`` (the paper's 512), and without a
 ``--grad-accum`` the accumulation that reaches it. ``--json`` prints exactly ``num_params``,
 ``largest_layer_params``, ``params_gb``, ``grads_gb``, ``optimizer_gb``, ``activations_gb``, ``total_gb``
-(GiB per GPU, the most loaded pipeline stage). The formulas are in ``megadoremi.planning``.
+(GiB per GPU, the most loaded pipeline stage). The formulas are in ``megadoremi.memory_plan``.
 Exit status: 0 (whether or not it fits; the human output says), 2 on a usage or configuration error.
 """
 
@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from megadoremi.planning import ATTENTION_KINDS, GIB, HEADROOM_FRACTION, PRECISIONS, Layout, MemoryPlan, plan_memory
+from megadoremi.memory_plan import ATTENTION_KINDS, GIB, HEADROOM_FRACTION, PRECISIONS, Layout, MemoryPlan, plan_memory
 
 PAPER_GLOBAL_BATCH = 512
 DEFAULTS = {"preset": None, "zero": 0, "micro_batch": 1, "pipeline": 1, "grad_accum": None, "seq_length": 1024,

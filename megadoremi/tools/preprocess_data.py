@@ -11,7 +11,8 @@ import argparse
 import signal
 
 from megadoremi.data.preprocess import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_REPORTED, PreprocessConfig, \
-    PreprocessError, run_preprocess
+    PreprocessError
+from megadoremi.data.preprocess_mpi import run_preprocess
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)

@@ -1,1 +1,3 @@
-"""Training: the DeepSpeed loop, checkpoints, LR schedule, metrics; ``python -m megadoremi.train CONFIG``."""
+"""Training: the one loop (``trainer.py``) with its two seams, the loss objective (``objective.py``) and the data
+mixture (``megadoremi.data.mixing``); evaluation, checkpoints, metrics, export; ``python -m megadoremi.train
+CONFIG``. See docs/architecture.md."""

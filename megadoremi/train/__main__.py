@@ -35,14 +35,16 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     from megadoremi.config import ConfigError, load_config
-    from megadoremi.distributed.env import discover_environment
-    from megadoremi.train.plan import build_ds_config, resolve_batch_plan
+    from megadoremi.distributed.engine import build_ds_config
+    from megadoremi.distributed.env import discover_environment, prepare_process_environment
+    from megadoremi.distributed.plan import resolve_batch_plan
 
+    prepare_process_environment()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config, overrides)
         env = discover_environment()
-        plan = resolve_batch_plan(config, env.world_size)
+        plan = resolve_batch_plan(config.train, config.parallel, env.world_size)
         if args.dry_run:
             import torch
 
@@ -52,7 +54,8 @@ def main(argv=None) -> int:
                 print("# batch plan")
                 print(json.dumps(plan.to_dict(), indent=2))
                 print("# DeepSpeed config")
-                print(json.dumps(build_ds_config(config, plan, torch.cuda.is_available()), indent=2))
+                print(json.dumps(build_ds_config(config.train, config.parallel, plan, torch.cuda.is_available()),
+                                 indent=2))
             return 0
     except ConfigError as error:
         print(f"megadoremi-train: config error: {error}", file=sys.stderr)

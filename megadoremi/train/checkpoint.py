@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed's engine state plus ours, made complete atomically.
 
 Layout: ``RUN_DIR/checkpoints/step_00000010/`` holds DeepSpeed's files (every rank writes its own), our
-``trainer_state.json`` (step, data position, DRO state later) and one ``rng_rank{R}.pt`` per rank. Only when every
+``trainer_state.json`` (step, data position, the loss objective's state, the mixture policy's and the training
+stream's state) and one ``rng_rank{R}.pt`` per rank. Only when every
 rank has finished writing (barrier) does rank 0 write the ``COMPLETE`` marker (temporary name, then rename).
 ``--resume auto`` picks the newest directory that has the marker, so an interrupted save is never resumed from.
 """
@@ -105,3 +106,13 @@ def load_checkpoint(engine, path: str, rank: int) -> dict:
         set_rng_state(torch.load(rng_path, weights_only=False))
     logger.info("resumed from %s (step %d)", path, state["step"])
     return state
+
+
+def objective_state(state: dict) -> dict:
+    """``{"name", "state"}`` of the loss objective saved in a trainer state (older checkpoints kept a DoReMi
+    proxy's state under ``doremi`` and nothing for a plain run)."""
+    if "objective" in state:
+        return state["objective"]
+    if "doremi" in state:
+        return {"name": "doremi", "state": state["doremi"]}
+    return {"name": "lm", "state": {}}

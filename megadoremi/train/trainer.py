@@ -1,8 +1,15 @@
-"""The training loop: DeepSpeed engine (ZeRO 0-3, or pipeline stages with ZeRO 0/1), per-domain losses,
-evaluation, atomic checkpoints and exact resume, signal-triggered checkpoint-and-exit."""
+"""The training loop: one loop for every layout (ZeRO 0-3, pipeline stages, gradient accumulation) with two seams,
+the loss objective (``megadoremi.train.objective``) and the data mixture (``megadoremi.data.mixing``).
+
+Per optimizer step t: read this rank's micro-batches of step t from the training stream; ``objective.begin_step``;
+forward, per-token losses, per-domain statistics, ``objective.loss``, backward (DeepSpeed steps at the last
+micro-batch; with pipeline stages the engine runs the schedule and calls the objective on the last stage);
+all-reduce the statistics; ``objective.end_step``; ``mixture.update(t, statistics)`` whose new weights the
+stream draws step t + 1 with; log. Then evaluation, the stop-signal check and checkpoints (which hold the
+objective's, the mixture's and the stream's state).
+"""
 
 import json
-import math
 import os
 import signal
 import time
@@ -11,41 +18,26 @@ import torch
 import torch.distributed as dist
 
 from megadoremi.config import ConfigError, ExperimentConfig, save_config
+from megadoremi.data.batches import TrainBatches
+from megadoremi.data.blending import build_domain_eval_datasets
+from megadoremi.data.stream import build_train_stream
+from megadoremi.distributed.engine import build_ds_config, build_engine
 from megadoremi.distributed.env import DistributedEnv
-from megadoremi.model.gpt import GPT, token_losses
-from megadoremi.model.presets import gpt_config_from_preset
+from megadoremi.distributed.plan import BatchPlan
+from megadoremi.distributed.stats import DomainStats
+from megadoremi.model.gpt import token_losses
 from megadoremi.train import checkpoint as ckpt
-from megadoremi.train.data import TrainBatches, eval_micro_batches
+from megadoremi.train.build import build_mixture, build_model_config, build_objective, build_stream_spec
+from megadoremi.train.evaluation import evaluate_domains
+from megadoremi.train.export import export_model
 from megadoremi.train.metrics import MetricsWriter, truncate_jsonl
-from megadoremi.train.plan import BatchPlan, build_ds_config, lr_at
+from megadoremi.train.objective import PipelineLoss, pipeline_items
 from megadoremi.utils.fs import atomic_output
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-
-class DomainLossStats:
-    """Per-domain sums of token losses and token counts (two length-k vectors), reduced with SUM."""
-
-    def __init__(self, num_domains: int, device):
-        self.num_domains, self.device = num_domains, device
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
-        self.counts = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
-
-    def add(self, losses: torch.Tensor, domain_ids: torch.Tensor) -> None:
-        """losses (batch, seq), domain_ids (batch,)."""
-        domain_ids = domain_ids.to(self.device)
-        self.sums.index_add_(0, domain_ids, losses.detach().to(torch.float64).sum(dim=1).to(self.device))
-        self.counts.index_add_(0, domain_ids, torch.full_like(domain_ids, losses.shape[1], dtype=torch.float64))
-
-    def reduced(self, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-        packed = torch.cat([self.sums, self.counts])
-        if dist.is_initialized():
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        return packed[: self.num_domains].cpu(), packed[self.num_domains:].cpu()
+MIXING_TRAJECTORY_FILE = "mixing_trajectory.jsonl"
 
 
 class _StopFlag:
@@ -63,265 +55,199 @@ class _StopFlag:
 
 
 class Trainer:
-    """Builds data, model and engine from an ExperimentConfig and runs the loop on every rank."""
+    """Builds data, model, engine, objective and mixture from an ExperimentConfig and runs the loop on every rank."""
 
     def __init__(self, config: ExperimentConfig, env: DistributedEnv, plan: BatchPlan):
         self.config, self.env, self.plan = config, env, plan
         self.rank = env.rank
-        self.cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.run_dir = config.run_dir
         self.checkpoint_dir = os.path.join(self.run_dir, "checkpoints")
-        self.pipeline = config.parallel.pipeline_stages > 1
-        self.ds_config = build_ds_config(config, plan, self.cuda)
+        self.ds_config = build_ds_config(config.train, config.parallel, plan, cuda)
         self.stop_flag = _StopFlag()
-
-    # --- set-up ------------------------------------------------------------------------------------------
+        self.next_step = 0  # the optimizer step ``step()`` trains next
 
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
 
-    def _vocab_size(self) -> int:
-        model = self.config.model
-        if model.vocab_size is not None:
-            return model.vocab_size
-        if self.config.data.tokenizer_model:
-            from megadoremi.data.tokenizer import Tokenizer
+    # --- set-up ------------------------------------------------------------------------------------------
 
-            return Tokenizer(self.config.data.tokenizer_model).vocab_size
-        raise ConfigError("model.vocab_size or data.tokenizer_model is required to size the embedding")
-
-    def build_model_config(self):
-        model = self.config.model
-        overrides = {k: v for k, v in (("mlp", model.mlp), ("norm", model.norm),
-                                       ("tied_embeddings", model.tied_embeddings)) if v is not None}
-        return gpt_config_from_preset(model.preset, self._vocab_size(), self.config.train.seq_length, **overrides)
-
-    def build_data(self) -> None:
-        from megadoremi.data.blending import build_blended_dataset, build_domain_eval_datasets, load_domain_weights
-
-        data, train = self.config.data, self.config.train
-        self.domain_names = list(data.domains)
-        weights = load_domain_weights(data.weights, self.domain_names) if data.weights is not None else \
-            [1.0 / len(self.domain_names)] * len(self.domain_names)
-        self.domain_weights = [float(w) for w in weights]
-        num_samples = train.steps * self.plan.global_batch_size
-        self.train_dataset = build_blended_dataset(
-            dict(data.domains), self.domain_weights, num_samples, seq_length=train.seq_length, seed=train.seed,
-            split=data.split, split_index=0, cache_dir=data.cache_dir,
-        )
-        self.eval_datasets = build_domain_eval_datasets(
-            dict(data.domains), seq_length=train.seq_length, seed=train.seed, split=data.split, split_index=1,
-            cache_dir=data.cache_dir, max_samples_per_domain=self.config.eval.max_samples_per_domain,
-        )
-
-    def _param_groups(self, module: torch.nn.Module) -> list[dict]:
-        decay, no_decay = [], []
-        for param in module.parameters():
-            if param.requires_grad:
-                (decay if param.dim() >= 2 else no_decay).append(param)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-    def build_engine(self) -> None:
-        import deepspeed
-
-        self.model_config = self.build_model_config()
-        seed = self.config.train.seed
-        torch.manual_seed(seed)
-        checkpointing = self.config.model.activation_checkpointing
-        self.loss_stats = DomainLossStats(len(self.domain_names), self.device)
-        if self.pipeline:
-            from megadoremi.model.pipeline import build_pipeline_model
-
-            model = build_pipeline_model(self.model_config, self.config.parallel.pipeline_stages,
-                                         self._pipeline_loss, seed=seed,
-                                         activation_checkpoint_interval=1 if checkpointing else 0)
-        else:
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config,
-                                     enabled=self.config.parallel.zero_stage == 3):
-                model = GPT(self.model_config, seed=seed, activation_checkpointing=checkpointing)
+    def setup(self) -> None:
+        """Run directory, data, engine, objective, mixture, metrics; resume from a checkpoint if there is one."""
         config = self.config
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(config, os.path.join(self.run_dir, "config.yaml"))
+            with atomic_output(os.path.join(self.run_dir, "ds_config.json"), "w") as handle:
+                json.dump({**self.ds_config, "megadoremi_batch_plan": self.plan.to_dict()}, handle, indent=2)
+        self._barrier()
+        self.mixture = build_mixture(config)
+        self.stream_spec = build_stream_spec(config, self.plan, self.mixture)
+        self.domain_names = self.stream_spec.domain_names
+        self.stream = build_train_stream(self.stream_spec)
+        self.eval_datasets = build_domain_eval_datasets(
+            dict(config.data.domains), seq_length=config.train.seq_length, seed=config.train.seed,
+            split=config.data.split, split_index=1, cache_dir=config.data.cache_dir,
+            max_samples_per_domain=config.eval.max_samples_per_domain)
+        self.model_config = build_model_config(config)
+        self.pipeline_loss = PipelineLoss() if self.plan.pipeline_parallel else None
+        self.trained = build_engine(self.model_config, self.plan, self.ds_config, config.train, config.parallel,
+                                    self.rank, config.model.activation_checkpointing, self.pipeline_loss)
+        self.engine = self.trained.engine
+        self.objective = build_objective(config, self.model_config, self.stream_spec, self.trained, self.plan,
+                                         self.device)
+        self.stats = DomainStats(len(self.domain_names), self.device)
+        self.batches = TrainBatches(self.stream, self.plan, self.trained.data_parallel_rank)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
+        resume_from = ckpt.resolve_resume(config.checkpoint.resume, self.checkpoint_dir)
+        if resume_from:
+            self._resume(resume_from)
+        logger.info(
+            "model %s: %.1fM parameters | world %d = %d pipeline x %d data-parallel | global batch %d x %d tokens"
+            " | ZeRO %d | %s | mixing %s | objective %s", config.model.preset,
+            self.model_config.num_parameters() / 1e6, self.plan.world_size, self.plan.pipeline_stages,
+            self.plan.data_parallel_size, self.plan.global_batch_size, self.plan.seq_length,
+            config.parallel.zero_stage, "bf16" if self.trained.bf16 else "fp32", self.mixture.method,
+            self.objective.name)
 
-        def schedule(optimizer):
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, config) / config.train.lr)
+    def _resume(self, path: str) -> None:
+        state = ckpt.load_checkpoint(self.engine, path, self.rank)
+        if state["global_batch_size"] != self.plan.global_batch_size:
+            raise ConfigError(
+                f"{path}: checkpoint was written with global batch {state['global_batch_size']}, "
+                f"this run has {self.plan.global_batch_size}; the data position would not match")
+        self.next_step = state["step"]
+        saved = ckpt.objective_state(state)
+        if saved["name"] != self.objective.name:
+            raise ConfigError(f"{path}: checkpoint holds the state of objective {saved['name']!r}, this run "
+                              f"trains with {self.objective.name!r} (doremi.enabled changed?)")
+        try:
+            self.objective.load_state_dict(saved["state"])
+            mixing = state.get("mixing", {"policy": {"method": "static"}, "stream": {"kind": "blend"}})
+            self.mixture.load_state_dict(mixing["policy"])
+            self.stream.load_state_dict(mixing["stream"], self.next_step)
+        except ValueError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        if self.rank == 0:
+            for name in ("metrics.jsonl", "eval.jsonl", self.objective.log_name, self.mixing_log_name):
+                if name:
+                    truncate_jsonl(os.path.join(self.run_dir, name), self.next_step)
 
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=self._param_groups(model), config=self.ds_config, lr_scheduler=schedule,
-        )
-        if not self.pipeline and self.plan.data_parallel_size == 1 and self.config.parallel.zero_stage == 0:
-            # One replica: DeepSpeed would still flatten, "all-reduce" and unflatten every gradient each step.
-            self.engine.enable_backward_allreduce = False
-        if self.pipeline:
-            self.dp_rank = self.engine.grid.get_data_parallel_rank()
-            self.dp_group = self.engine.grid.get_data_parallel_group()
-        else:
-            self.dp_rank, self.dp_group = self.rank, None
-        self.num_parameters = self.model_config.num_parameters()
+    @property
+    def mixing_log_name(self) -> str | None:
+        return MIXING_TRAJECTORY_FILE if self.mixture.dynamic else None
 
-    def _pipeline_loss(self, logits: torch.Tensor, labels) -> torch.Tensor:
-        """Loss on the last pipeline stage: labels = (targets (batch, seq), domain_ids (batch,)), plus the
-        reference losses for a DoReMi proxy's training micro-batches."""
-        if len(labels) == 3:
-            return self.dro.pipeline_loss(logits, labels)
-        targets, domain_ids = labels
-        losses = token_losses(logits, targets)
-        self.loss_stats.add(losses, domain_ids)
-        return losses.mean()
+    # --- one optimizer step ------------------------------------------------------------------------------
 
-    # --- steps -------------------------------------------------------------------------------------------
-
-    def _pipeline_items(self, micro_batches: list[dict]):
-        for batch in micro_batches:
-            tokens = batch["tokens"]
-            yield tokens[:, :-1].contiguous(), (tokens[:, 1:].contiguous(), batch["domain_ids"])
-
-    def _pipeline_reduced(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # Only last stages hold statistics (zeros elsewhere): a world-wide SUM gives the global totals.
-        return self.loss_stats.reduced(group=None)
-
-    def train_step(self, step: int) -> None:
+    def step(self) -> dict:
+        """Train optimizer step ``next_step`` (collective); returns its metrics record (``loss``, ``lr``, ...)."""
+        step = self.next_step
+        lr = self.engine.get_lr()[0]
+        started = time.perf_counter()
         micro_batches = self.batches.micro_batches(step)
-        self.loss_stats.reset()
-        if self.dro is not None:
-            if self.pipeline:
-                self.dro.pipeline_train_step(micro_batches)
-            else:
-                self.dro.train_step(micro_batches)
-            return
-        if self.pipeline:
-            self.engine.train_batch(data_iter=self._pipeline_items(micro_batches))
-            return
-        for batch in micro_batches:
-            tokens = batch["tokens"].to(self.device)
-            logits = self.engine(tokens[:, :-1])  # (batch, seq, vocab)
-            losses = token_losses(logits, tokens[:, 1:])  # (batch, seq)
-            self.engine.backward(losses.mean())
-            self.engine.step()
-            self.loss_stats.add(losses, batch["domain_ids"])
-
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
-        """Per-domain validation loss and perplexity, averaged over every validation token of every rank."""
-        self.engine.eval()
-        stats = DomainLossStats(len(self.domain_names), self.device)
-        multiple = self.plan.grad_accum if self.pipeline else 1
-        for domain_id, name in enumerate(self.domain_names):
-            dataset = self.eval_datasets.get(name)
-            if dataset is None:
-                continue
-            batches = eval_micro_batches(dataset, domain_id, self.plan, self.dp_rank,
-                                         self.config.eval.max_samples_per_domain, multiple,
-                                         batch_size=None if self.pipeline else
-                                         self.config.eval.batch_size or self.plan.micro_batch_size)
-            if self.pipeline:
-                saved, self.loss_stats = self.loss_stats, stats
-                try:
-                    for start in range(0, len(batches), multiple):
-                        self.engine.eval_batch(iter(list(self._pipeline_items(batches[start:start + multiple]))))
-                finally:
-                    self.loss_stats = saved
-            else:
-                for batch in batches:
-                    tokens = batch["tokens"].to(self.device)
-                    losses = token_losses(self.engine(tokens[:, :-1]), tokens[:, 1:])
-                    if not batch.get("padding"):
-                        stats.add(losses, batch["domain_ids"])
-        sums, counts = stats.reduced(group=None if self.pipeline else self.dp_group)
-        self.engine.train()
-        per_domain = {name: float(sums[d] / counts[d]) for d, name in enumerate(self.domain_names) if counts[d] > 0}
-        record = {"step": step, "val_loss": per_domain,
-                  "val_ppl": {name: math.exp(min(loss, 50.0)) for name, loss in per_domain.items()}}
-        if per_domain:
-            record["val_loss_avg"] = sum(per_domain.values()) / len(per_domain)
-            record["val_loss_worst"] = max(per_domain.values())
-        self.metrics.eval(record)
-        if per_domain:
-            logger.info("eval step %d | avg %.4f | worst %.4f | %s", step, record["val_loss_avg"],
-                        record["val_loss_worst"], " ".join(f"{k} {v:.3f}" for k, v in per_domain.items()))
+        self.stats.reset()
+        self.objective.begin_step(micro_batches)
+        if self.plan.pipeline_parallel:
+            self.pipeline_loss.train(self.stats, self.objective, micro_batches)
+            self.engine.train_batch(data_iter=pipeline_items(micro_batches))
+        else:
+            for batch in micro_batches:
+                tokens = batch["tokens"].to(self.device)
+                losses = token_losses(self.engine(tokens[:, :-1]), tokens[:, 1:])  # (batch, seq)
+                self.stats.add(losses, batch["domain_ids"])
+                self.engine.backward(self.objective.loss(losses, batch))
+                self.engine.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        trained = time.perf_counter()
+        group = None if self.plan.pipeline_parallel else self.trained.data_parallel_group
+        reduced = self.stats.reduced(group, contributes=self.trained.is_last_stage)
+        objective_metrics = self.objective.end_step()
+        weights_used = self.stream.weights if self.mixture.dynamic else None
+        new_weights = self.mixture.update(step, reduced)
+        if new_weights is not None:
+            self.stream.set_weights(new_weights)
+        updated = time.perf_counter()
+        elapsed = updated - started
+        self.next_step = step + 1
+        record = {"step": step + 1, "loss": reduced.mean(), "lr": lr,
+                  "tokens_per_second": self.plan.tokens_per_step / max(elapsed, 1e-9), "step_time_s": elapsed,
+                  "domain_loss": reduced.domain_means(self.domain_names),
+                  "domain_samples": reduced.domain_samples(self.domain_names),
+                  "samples": (step + 1) * self.plan.global_batch_size, **objective_metrics}
+        if weights_used is not None:
+            record["mixing_weights"] = dict(zip(self.domain_names, map(float, weights_used)))
+        self._log(record)
+        # Where the step's time went (tools/bench_train.py reports it).
+        self.last_step_seconds = {"train": trained - started, "reduce_update": updated - trained,
+                                  "log": time.perf_counter() - updated}
         return record
 
-    def _stop_requested(self) -> bool:
+    def _append(self, name: str, line: dict) -> None:
+        with open(os.path.join(self.run_dir, name), "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    def _log(self, record: dict) -> None:
+        if self.rank == 0 and self.objective.log_name:
+            self._append(self.objective.log_name, self.objective.log_record())
+        if self.rank == 0 and self.mixing_log_name:  # the weights of the step, the losses the policy saw
+            self._append(self.mixing_log_name, {"step": record["step"], "weights": record["mixing_weights"],
+                                                "domain_loss": record["domain_loss"], **self.mixture.log_record()})
+        step, steps = record["step"], self.config.train.steps
+        if step % self.config.train.log_interval and step != steps:
+            return
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        self.metrics.train(record)
+        logger.info("step %d/%d | loss %.4f | lr %.3e | %.0f tokens/s%s", step, steps, record["loss"], record["lr"],
+                    record["tokens_per_second"], f" | grad norm {float(grad_norm):.3f}" if grad_norm is not None else "")
+
+    def evaluate(self, step: int) -> dict:
+        """Per-domain validation loss (collective); appended to eval.jsonl and logged."""
+        config = self.config
+        record = evaluate_domains(self.trained, self.eval_datasets, self.domain_names, self.plan,
+                                  config.eval.max_samples_per_domain, config.eval.batch_size, self.device,
+                                  self.pipeline_loss, step)
+        self.metrics.eval(record)
+        if record["val_loss"]:
+            logger.info("eval step %d | avg %.4f | worst %.4f | %s", step, record["val_loss_avg"],
+                        record["val_loss_worst"], " ".join(f"{k} {v:.3f}" for k, v in record["val_loss"].items()))
+        return record
+
+    def stop_requested(self) -> bool:
+        """Whether any rank received SIGUSR1 / SIGTERM (collective)."""
         flag = torch.tensor([1.0 if self.stop_flag.raised else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    def trainer_state(self, step: int) -> dict:
-        state = {"step": step, "samples_consumed": step * self.plan.global_batch_size,
-                 "global_batch_size": self.plan.global_batch_size, "domain_names": self.domain_names}
-        if self.dro is not None:
-            state["doremi"] = self.dro.state_dict()
-        return state
-
     def save(self, step: int) -> None:
-        ckpt.save_checkpoint(self.engine, self.checkpoint_dir, step, self.trainer_state(step), self.rank,
+        state = {"step": step, "samples_consumed": step * self.plan.global_batch_size,
+                 "global_batch_size": self.plan.global_batch_size, "domain_names": self.domain_names,
+                 "objective": {"name": self.objective.name, "state": self.objective.state_dict()},
+                 "mixing": {"policy": self.mixture.state_dict(), "stream": self.stream.state_dict()}}
+        ckpt.save_checkpoint(self.engine, self.checkpoint_dir, step, state, self.rank,
                              self.config.checkpoint.keep_last, self._barrier)
 
     # --- the run ---------------------------------------------------------------------------------------
-
-    def setup(self) -> None:
-        if self.rank == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(self.config, os.path.join(self.run_dir, "config.yaml"))
-            with atomic_output(os.path.join(self.run_dir, "ds_config.json"), "w") as handle:
-                json.dump({**self.ds_config, "megadoremi_batch_plan": self.plan.to_dict()}, handle, indent=2)
-        self._barrier()
-        self.build_data()
-        self.build_engine()
-        self.dro = None
-        if self.config.doremi.enabled:
-            from megadoremi.doremi.proxy import DROHook
-
-            self.dro = DROHook(self)
-        self.batches = TrainBatches(self.train_dataset, self.plan, self.dp_rank)
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
-        self.start_step = 0
-        resume_from = ckpt.resolve_resume(self.config.checkpoint.resume, self.checkpoint_dir)
-        if resume_from:
-            state = ckpt.load_checkpoint(self.engine, resume_from, self.rank)
-            if state["global_batch_size"] != self.plan.global_batch_size:
-                raise ConfigError(
-                    f"{resume_from}: checkpoint was written with global batch {state['global_batch_size']}, "
-                    f"this run has {self.plan.global_batch_size}; the data position would not match"
-                )
-            self.start_step = state["step"]
-            if self.dro is not None:
-                self.dro.load_state_dict(state["doremi"])
-            if self.rank == 0:
-                for name in ("metrics.jsonl", "eval.jsonl", "doremi_trajectory.jsonl"):
-                    truncate_jsonl(os.path.join(self.run_dir, name), self.start_step)
-        logger.info(
-            "model %s: %.1fM parameters | world %d = %d pipeline x %d data-parallel | global batch %d x %d tokens"
-            " | ZeRO %d | %s", self.config.model.preset, self.num_parameters / 1e6, self.plan.world_size,
-            self.plan.pipeline_stages, self.plan.data_parallel_size, self.plan.global_batch_size,
-            self.plan.seq_length, self.config.parallel.zero_stage, "bf16" if self.ds_config["bf16"]["enabled"] else "fp32",
-        )
 
     def run(self) -> dict:
         """Train to ``train.steps`` (or until a stop signal); returns a summary."""
         # Install the handlers first: a SIGUSR1 during set-up is then acted on after the first step.
         self.stop_flag.install()
         self.setup()
-        config = self.config
-        steps = config.train.steps
-        summary = {"status": "running", "start_step": self.start_step}
-        step = self.start_step
-        while step < steps:
-            lr = self.engine.get_lr()[0]
-            started = time.perf_counter()
-            self.train_step(step)
-            sums, counts = self._pipeline_reduced() if self.pipeline else self.loss_stats.reduced(self.dp_group)
-            elapsed = time.perf_counter() - started
-            step += 1
-            if self.dro is not None:
-                self.dro.append_trajectory()
-            loss = float(sums.sum() / counts.sum())
-            if step % config.train.log_interval == 0 or step == steps:
-                self._log_step(step, loss, lr, elapsed, sums, counts)
+        config, steps = self.config, self.config.train.steps
+        summary = {"status": "running", "start_step": self.next_step}
+        record = None
+        while self.next_step < steps:
+            record = self.step()
+            step = self.next_step
             if config.eval.interval and step % config.eval.interval == 0 and step < steps:
                 self.evaluate(step)
-            stop = self._stop_requested()
+            stop = self.stop_requested()
             exit_now = bool(config.train.exit_interval and step % config.train.exit_interval == 0 and step < steps)
             if (config.checkpoint.interval and step % config.checkpoint.interval == 0) or stop or exit_now \
                     or step == steps:
@@ -332,33 +258,14 @@ class Trainer:
                 summary.update(status="stopped", step=step, signal=self.stop_flag.raised)
                 break
         else:
-            summary.update(status="completed", step=step)
-            summary["eval"] = self.evaluate(step)
-            summary["final_loss"] = loss if steps > self.start_step else None
-            if self.dro is not None:
-                summary["domain_weights"] = self.dro.write_outputs()
-            if self.config.checkpoint.export_model:
-                from megadoremi.train.export import export_model
-
-                export_model(self.engine, self.model_config, self.run_dir, self.rank, self.pipeline,
-                             self.config.parallel.zero_stage)
+            summary.update(status="completed", step=self.next_step)
+            summary["eval"] = self.evaluate(self.next_step)
+            summary["final_loss"] = record["loss"] if record is not None else None
+            summary.update(self.objective.finish(self.run_dir, write=self.rank == 0))
+            if config.checkpoint.export_model:
+                export_model(self.trained, self.run_dir, self.rank)
         if self.rank == 0 and summary["status"] == "completed":
             with atomic_output(os.path.join(self.run_dir, "final.json"), "w") as handle:
                 json.dump(summary, handle, indent=1)
         self.metrics.close()
         return summary
-
-    def _log_step(self, step, loss, lr, elapsed, sums, counts) -> None:
-        tokens_per_second = self.plan.tokens_per_step / max(elapsed, 1e-9)
-        per_domain = {name: float(sums[d] / counts[d]) for d, name in enumerate(self.domain_names) if counts[d] > 0}
-        grad_norm = self.engine.get_global_grad_norm()
-        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_second": tokens_per_second,
-                  "step_time_s": elapsed, "domain_loss": per_domain,
-                  "samples": step * self.plan.global_batch_size}
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        if self.dro is not None:
-            record.update(self.dro.metrics())
-        self.metrics.train(record)
-        logger.info("step %d/%d | loss %.4f | lr %.3e | %.0f tokens/s%s", step, self.config.train.steps, loss, lr,
-                    tokens_per_second, f" | grad norm {float(grad_norm):.3f}" if grad_norm is not None else "")

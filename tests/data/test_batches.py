@@ -4,8 +4,8 @@ every rank (ZeRO-3 gathers collectively), padding marked and never counted."""
 import numpy as np
 import pytest
 
-from megadoremi.train.data import eval_micro_batches
-from megadoremi.train.plan import BatchPlan
+from megadoremi.data.batches import eval_micro_batches
+from megadoremi.distributed.plan import BatchPlan
 
 
 class Samples:

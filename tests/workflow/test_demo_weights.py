@@ -22,7 +22,7 @@ def test_demo_weights_down_weight_noise_and_boilerplate(tmp_path):
     corpus = tmp_path / "corpus"
     make_demo_corpus(str(corpus), seed=0)
     workdir = tmp_path / "work"
-    command = [sys.executable, "-m", "megadoremi.pipeline", "--corpus", str(corpus), "--workdir", str(workdir),
+    command = [sys.executable, "-m", "megadoremi.workflow", "--corpus", str(corpus), "--workdir", str(workdir),
                "--steps", "400", "--nproc", "2", "--micro-batch-size", "8", "--skip-main"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]

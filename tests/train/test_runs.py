@@ -101,6 +101,16 @@ def test_launchers_form_the_same_group(config, tmp_path, launcher):
         (["--parallel.pipeline_stages=3"], "pipeline_stages=3 does not divide the world size 1"),
         (["--model.preset=13b"], "model.preset: unknown preset '13b'"),
         (["--train.micro_batch_size=0"], "train.micro_batch_size: must be positive"),
+        (["--mixing.method=schedule"], "mixing.schedule: required with mixing.method=schedule"),
+        (["--mixing.method=ado"], "mixing.method: must be one of static, schedule, got 'ado'"),
+        (["--mixing.method=schedule", "--mixing.schedule=s.json", "--data.weights=w.json"],
+         "data.weights with mixing.method=schedule"),
+        (["--mixing.method=schedule", "--mixing.schedule=s.json", "--doremi.enabled=true",
+          "--doremi.reference_model=ref"], "the DoReMi proxy samples from the fixed reference mixture"),
+        (["--doremi.enabled=true", "--doremi.reference_model=ref", "--doremi.order=paper"],
+         "'paper' is now called 'same_step'"),
+        (["--mixing.method=schedule", "--mixing.schedule=/no/such/schedule.json"],
+         "mixing.schedule /no/such/schedule.json: cannot read it"),
     ],
 )
 def test_config_errors_are_one_clear_message(config, overrides, message):

@@ -1,16 +1,19 @@
-"""Training and evaluation batches for one rank, cut from a global sample stream.
+"""Training and evaluation micro-batches for one rank, cut from the global sample stream.
 
-Step t's global batch is samples ``[t * G, (t + 1) * G)`` of the blended training dataset (G = global batch).
-Data-parallel rank r takes the contiguous block ``[r * G / R, (r + 1) * G / R)`` and splits it into
-``grad_accum`` consecutive micro-batches. So (2 ranks x micro b), (1 rank x micro 2b) and (1 rank x 2
-accumulation steps of b) see exactly the same global batches, and resuming at step t needs only t.
+Step t's global batch is positions ``[t * G, (t + 1) * G)`` of the training stream (``megadoremi.data.stream``;
+G = global batch). Data-parallel rank r takes the contiguous block ``[r * G / R, (r + 1) * G / R)`` and splits it
+into ``grad_accum`` consecutive micro-batches. So (2 ranks x micro b), (1 rank x micro 2b) and (1 rank x 2
+accumulation steps of b) see exactly the same global batches.
+
+A micro-batch is a dict: ``tokens`` (batch, seq + 1) int64, ``domain_ids`` (batch,) int64 and, for training,
+``positions`` (batch,) int64, the samples' positions in the stream (rows of a reference-loss cache).
+The ``plan`` arguments are a ``megadoremi.distributed.plan.BatchPlan``.
 """
 
 import numpy as np
 import torch
 
 from megadoremi.data.sampler import rank_slice
-from megadoremi.train.plan import BatchPlan
 
 
 def collate(items: list[dict], positions=None) -> dict:
@@ -24,34 +27,30 @@ def collate(items: list[dict], positions=None) -> dict:
 
 
 class TrainBatches:
-    """The micro-batches of one rank for a given optimizer step."""
+    """The micro-batches of one data-parallel rank for a given optimizer step, read from a training stream."""
 
-    def __init__(self, dataset, plan: BatchPlan, data_parallel_rank: int):
-        self.dataset = dataset
+    def __init__(self, stream, plan, data_parallel_rank: int):
+        if stream.global_batch_size != plan.global_batch_size:
+            raise ValueError(f"the training stream serves global batches of {stream.global_batch_size} samples, "
+                             f"the batch plan has {plan.global_batch_size}")
+        self.stream = stream
         self.plan = plan
         self.dp_rank = data_parallel_rank
-        needed = plan.global_batch_size
-        if len(dataset) < needed:
-            raise ValueError(f"training dataset has {len(dataset)} samples, one step needs {needed}")
-
-    def num_steps_available(self) -> int:
-        return len(self.dataset) // self.plan.global_batch_size
 
     def micro_batches(self, step: int) -> list[dict]:
+        """``grad_accum`` micro-batches of ``micro_batch_size`` samples (this rank's block of step's batch)."""
         plan = self.plan
         block = rank_slice(plan.global_batch_size, self.dp_rank, plan.data_parallel_size)
-        start = step * plan.global_batch_size + block.start
-        if step * plan.global_batch_size + plan.global_batch_size > len(self.dataset):
-            raise IndexError(f"step {step} needs samples beyond the training dataset ({len(self.dataset)})")
         batches = []
         for micro in range(plan.grad_accum):
-            first = start + micro * plan.micro_batch_size
-            positions = range(first, first + plan.micro_batch_size)
-            batches.append(collate([self.dataset[i] for i in positions], positions))
+            first = block.start + micro * plan.micro_batch_size
+            offsets = range(first, first + plan.micro_batch_size)
+            positions = range(step * plan.global_batch_size + first, step * plan.global_batch_size + offsets.stop)
+            batches.append(collate(self.stream.read(step, offsets), positions))
         return batches
 
 
-def eval_micro_batches(dataset, domain_id: int, plan: BatchPlan, data_parallel_rank: int,
+def eval_micro_batches(dataset, domain_id: int, plan, data_parallel_rank: int,
                        max_samples: int, multiple_of: int = 1, batch_size: int | None = None) -> list[dict]:
     """This rank's share of a domain's validation samples, as micro-batches.
 

@@ -21,7 +21,7 @@ from megadoremi.data.preprocess import InputFile, InputRange, iter_jobs
 from megadoremi.data.preprocess_mpi import count_line_starts, mpi_launch_hint, split_ranges
 from megadoremi.data.tokenizer import Tokenizer
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO_ROOT, "tools", "preprocess_data.py")
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 

@@ -4,7 +4,6 @@ cached and live reference losses; resume mid-proxy gives the same weights; bad i
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -81,7 +80,7 @@ def test_weights_move_and_outputs_exist(layout_runs):
     with open(os.path.join(run_dir, "doremi_weights.png"), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    assert set(metrics[-1]["domain_weights"]) == set(names) and set(metrics[-1]["excess_loss"]) == set(names)
+    assert set(metrics[-1]["doremi_alpha"]) == set(names) and set(metrics[-1]["doremi_excess_loss"]) == set(names)
 
 
 def test_paper_order_two_ranks_equals_one_rank(setup):
@@ -89,7 +88,7 @@ def test_paper_order_two_ranks_equals_one_rank(setup):
     for launcher, nproc, micro in (("python", 1, 8), ("torchrun", 2, 4)):
         run_dir = str(setup["root"] / f"paper_{nproc}")
         run_training(launcher, nproc, setup["config"], [
-            f"--run_dir={run_dir}", "--train.steps=6", "--doremi.enabled=true", "--doremi.order=paper",
+            f"--run_dir={run_dir}", "--train.steps=6", "--doremi.enabled=true", "--doremi.order=same_step",
             f"--doremi.reference_model={setup['reference']}", f"--train.micro_batch_size={micro}"])
         runs.append(trajectory(run_dir)[0])
     np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-6)
@@ -110,7 +109,7 @@ def test_cached_reference_losses_equal_live(setup, layout_runs):
     result = run_training("python", 1, setup["config"], [
         f"--run_dir={setup['root'] / 'cached_bad'}", *PROXY, "--train.micro_batch_size=8", "--train.seed=99",
         f"--doremi.reference_model={setup['reference']}", f"--doremi.reference_losses={cache}"], check=False)
-    assert result.returncode != 0 and "computed for another data stream" in result.stderr
+    assert result.returncode != 0 and "computed for another training stream" in result.stderr
 
 
 def _compute_cache(setup, output, nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -159,7 +158,7 @@ def test_resume_mid_proxy_gives_the_same_weights(setup, layout_runs):
 
 
 def test_reference_with_another_vocabulary_or_shape_is_refused(setup, tmp_path):
-    from megadoremi.train.export import load_exported_model
+    from megadoremi.model.io import load_exported_model
 
     config, state = load_exported_model(setup["reference"])
     for field, value, message in (("vocab_size", config.vocab_size + 100, "vocabulary size"),

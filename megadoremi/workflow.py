@@ -1,4 +1,4 @@
-"""``megadoremi-pipeline``: DoReMi end to end from a folder of per-domain jsonl files.
+"""The DoReMi workflow end to end from a folder of per-domain jsonl files (console script ``megadoremi-pipeline``).
 
     megadoremi-pipeline --corpus DIR --workdir DIR [--preset tiny] [--nproc 2] [--steps N] [--rounds R]
                         [--skip-main]
@@ -21,28 +21,29 @@ import sys
 import yaml
 
 from megadoremi.data.indexed_dataset import IndexedDataset
+from megadoremi.distributed.env import free_port
 from megadoremi.utils.fs import atomic_output
 from megadoremi.utils.logging import get_logger
 
-logger = get_logger("megadoremi.pipeline")
+logger = get_logger(__name__)
 CONVERGENCE_TOLERANCE = 1e-3
 
 
-class PipelineError(RuntimeError):
-    """A problem with the pipeline's inputs, found before any training starts."""
+class WorkflowError(RuntimeError):
+    """A problem with the workflow's inputs, found before any training starts."""
 
 
 def find_domains(corpus_dir: str) -> dict[str, list[str]]:
     """``<domain>.jsonl[.gz]`` files of the corpus folder (several files may share a domain prefix)."""
     if not os.path.isdir(corpus_dir):
-        raise PipelineError(f"--corpus {corpus_dir}: not a folder")
+        raise WorkflowError(f"--corpus {corpus_dir}: not a folder")
     domains: dict[str, list[str]] = {}
     for path in sorted(glob.glob(os.path.join(corpus_dir, "*.jsonl")) + glob.glob(os.path.join(corpus_dir, "*.jsonl.gz"))):
         name = os.path.basename(path).split(".jsonl")[0]
         domains.setdefault(name, []).append(path)
     if len(domains) < 2:
         found = ", ".join(domains) or "none"
-        raise PipelineError(f"--corpus {corpus_dir}: DoReMi needs at least two domains (<domain>.jsonl[.gz] files); "
+        raise WorkflowError(f"--corpus {corpus_dir}: DoReMi needs at least two domains (<domain>.jsonl[.gz] files); "
                             f"found {len(domains)} ({found})")
     return domains
 
@@ -53,13 +54,13 @@ def _write_json(path: str, data) -> None:
         json.dump(data, handle, indent=1)
 
 
-class Pipeline:
+class Workflow:
     def __init__(self, args):
         self.args = args
         if args.nproc < 1:
-            raise PipelineError(f"--nproc: must be >= 1, got {args.nproc}")
+            raise WorkflowError(f"--nproc: must be >= 1, got {args.nproc}")
         if args.launcher == "python" and args.nproc != 1:
-            raise PipelineError(f"--launcher python starts one process; --nproc {args.nproc} needs torchrun, "
+            raise WorkflowError(f"--launcher python starts one process; --nproc {args.nproc} needs torchrun, "
                                 "mpiexec or deepspeed")
         self.workdir = os.path.abspath(args.workdir)
         self.domains = find_domains(args.corpus)
@@ -70,7 +71,7 @@ class Pipeline:
     def tokenizer(self) -> str:
         if self.args.tokenizer_model:
             if not os.path.exists(self.args.tokenizer_model):
-                raise PipelineError(f"--tokenizer-model {self.args.tokenizer_model}: not found")
+                raise WorkflowError(f"--tokenizer-model {self.args.tokenizer_model}: not found")
             return os.path.abspath(self.args.tokenizer_model)
         model = os.path.join(self.workdir, "tokenizer.model")
         if not os.path.exists(model):
@@ -81,7 +82,8 @@ class Pipeline:
         return model
 
     def preprocess(self, tokenizer_model: str) -> dict[str, str]:
-        from megadoremi.data.preprocess import PreprocessConfig, run_preprocess
+        from megadoremi.data.preprocess import PreprocessConfig
+        from megadoremi.data.preprocess_mpi import run_preprocess
         from megadoremi.data.tokenizer import Tokenizer
 
         fingerprint = Tokenizer(tokenizer_model).fingerprint
@@ -150,13 +152,13 @@ class Pipeline:
         nproc = self.args.nproc
         if self.args.launcher == "torchrun":
             command = [os.path.join(bindir, "torchrun"), "--nproc-per-node", str(nproc), "--master-port",
-                       str(_free_port()), "-m", "megadoremi.train", config_path]
+                       str(free_port()), "-m", "megadoremi.train", config_path]
         elif self.args.launcher == "mpiexec":
             command = [os.path.join(bindir, "mpiexec"), "-n", str(nproc), sys.executable, "-m", "megadoremi.train",
                        config_path]
         elif self.args.launcher == "deepspeed":
             command = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-                       str(_free_port()), "--module", "megadoremi.train", config_path]
+                       str(free_port()), "--module", "megadoremi.train", config_path]
         else:
             command = [sys.executable, "-m", "megadoremi.train", config_path]
         logger.info("phase %s: %s", os.path.relpath(run_dir, self.workdir), " ".join(command))
@@ -168,7 +170,7 @@ class Pipeline:
         result = subprocess.run(command + ["--resume", "auto"], env=env)
         if result.returncode != 0 or not os.path.exists(final):
             raise RuntimeError(f"phase {run_dir} failed (exit status {result.returncode}); see its output above. "
-                               "Rerunning the pipeline resumes it from its last checkpoint.")
+                               "Rerunning the workflow resumes it from its last checkpoint.")
         return json.load(open(final))
 
     def run(self) -> dict:
@@ -288,12 +290,6 @@ def render_report(names, rounds, baseline_weights, evaluation, args, runs: dict 
     return "\n".join(lines)
 
 
-def _free_port() -> int:
-    from megadoremi.distributed.env import free_port
-
-    return free_port()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megadoremi-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", required=True, help="folder with one <domain>.jsonl[.gz] per domain")
@@ -327,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = Pipeline(args).run()
-    except PipelineError as error:
+        result = Workflow(args).run()
+    except WorkflowError as error:
         print(f"megadoremi-pipeline: error: {error}", file=sys.stderr)
         return 2
     print(result["report"])

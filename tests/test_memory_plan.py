@@ -13,7 +13,7 @@ import torch
 
 from megadoremi.model.gpt import GPT, Block
 from megadoremi.model.presets import PAPER_VOCAB_SIZE, gpt_config_from_preset
-from megadoremi.planning import (GIB, Layout, largest_layer_params, layer_activation_bytes, model_state_bytes,
+from megadoremi.memory_plan import (GIB, Layout, largest_layer_params, layer_activation_bytes, model_state_bytes,
                                  partition_balanced, pipeline_layer_params, plan_memory)
 from megadoremi.tools.plan_memory import main as plan_main
 
@@ -225,12 +225,13 @@ PAPER = os.path.join(REPO_ROOT, "configs", "paper")
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=[os.path.relpath(p, REPO_ROOT) for p in ALL_CONFIGS])
 def test_every_config_loads_and_validates(path, monkeypatch):
     from megadoremi.config import load_config
-    from megadoremi.train.plan import build_ds_config, resolve_batch_plan
+    from megadoremi.distributed.engine import build_ds_config
+    from megadoremi.distributed.plan import resolve_batch_plan
 
     monkeypatch.chdir(REPO_ROOT)  # configs name templates and data relative to the repository root
     config = load_config(path)
-    plan = resolve_batch_plan(config, config.parallel.pipeline_stages * 2)
-    build_ds_config(config, plan, cuda=True)  # the template exists, is valid JSON and holds no batch sizes
+    plan = resolve_batch_plan(config.train, config.parallel, config.parallel.pipeline_stages * 2)
+    build_ds_config(config.train, config.parallel, plan, cuda=True)  # the template exists, is valid JSON and holds no batch sizes
 
 
 def test_tiny_and_paper_configs_are_all_found():
@@ -251,7 +252,7 @@ LAUNCH_TABLES = {
 @pytest.mark.parametrize("name", sorted(LAUNCH_TABLES))
 def test_paper_configs_give_global_batch_512_for_each_documented_gpu_count(name):
     from megadoremi.config import load_config
-    from megadoremi.train.plan import resolve_batch_plan
+    from megadoremi.distributed.plan import resolve_batch_plan
 
     path = os.path.join(PAPER, name)
     text = open(path).read()
@@ -260,7 +261,7 @@ def test_paper_configs_give_global_batch_512_for_each_documented_gpu_count(name)
         if grad_accum != config.train.grad_accum:
             assert f"--train.grad_accum={grad_accum}" in text  # the header says what to override
         launched = load_config(path, [f"--train.grad_accum={grad_accum}"])
-        plan = resolve_batch_plan(launched, gpus)
+        plan = resolve_batch_plan(launched.train, launched.parallel, gpus)
         assert (plan.global_batch_size, plan.seq_length) == (512, 1024), (gpus, plan)
         model = gpt_config_from_preset(launched.model.preset, PAPER_VOCAB_SIZE)
         layout = Layout(num_gpus=gpus, zero_stage=launched.parallel.zero_stage,
@@ -273,10 +274,10 @@ def test_paper_configs_give_global_batch_512_for_each_documented_gpu_count(name)
 @pytest.mark.parametrize("name", ["main_8b.yaml", "main_8b_pipeline.yaml"])
 def test_8b_configs_on_64_gpus(name):
     from megadoremi.config import load_config
-    from megadoremi.train.plan import resolve_batch_plan
+    from megadoremi.distributed.plan import resolve_batch_plan
 
     config = load_config(os.path.join(PAPER, name))
-    assert resolve_batch_plan(config, 64).global_batch_size == 512
+    assert resolve_batch_plan(config.train, config.parallel, 64).global_batch_size == 512
     assert config.model.preset == "8b" and config.model.activation_checkpointing
     assert config.checkpoint.export_model is False
     assert config.data.weights == "runs/paper/proxy_280m/domain_weights.json"

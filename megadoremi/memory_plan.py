@@ -329,10 +329,3 @@ def plan_memory(model: GPTConfig, layout: Layout) -> MemoryPlan:
         plan.stages.append(StageMemory(stage, names, num_params, num_blocks, in_flight, params, grads, optimizer,
                                        activations))
     return plan
-
-
-def training_flops(model: GPTConfig, tokens: float, seq_length: int) -> float:
-    """Training FLOPs: 6 N tokens for the matmuls (N = parameters, logits included through the tied embedding)
-    plus attention scores and values, 6 x 2 x layers x seq x d_attn per token (causal masking not discounted)."""
-    attention = 12 * model.num_layers * seq_length * model.num_heads * model.head_dim
-    return tokens * (6 * model.num_parameters() + attention)

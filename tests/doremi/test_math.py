@@ -1,21 +1,17 @@
 """DoReMi math: weight update vs hand-worked numbers and an independent Algorithm-1 reference, excess-loss
-statistics, split invariance of the proxy objectives (value and gradient), a real 2-process gloo reduction,
-and the checkpointable DRO state."""
+statistics, split invariance of the proxy objectives (value and gradient), and the checkpointable DRO state.
+(The reduction of the statistics over ranks is tested in tests/distributed/test_stats.py.)"""
 
 import json
 import math
-import os
 import random
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megadoremi.doremi import (
-    DomainExcessAccumulator,
     DROState,
     average_weights,
     count_domain_tokens,
@@ -24,10 +20,8 @@ from megadoremi.doremi import (
     initial_excess_loss,
     max_weight_change,
     proxy_loss,
-    reduce_from_last_stage,
     update_domain_weights,
 )
-from tests.helpers.launch import free_port
 
 
 def reference_update(weights, excess_loss, step_size, smoothing):
@@ -221,21 +215,6 @@ def test_excess_stats_reject_bad_input():
         domain_excess_loss([1.0], [-1.0], [0.0])
 
 
-def test_accumulator_adds_micro_batches():
-    generator = torch.Generator().manual_seed(3)
-    proxy, reference = torch.rand(6, 5, generator=generator) * 4, torch.rand(6, 5, generator=generator) * 4
-    domain_ids, mask = torch.tensor([0, 2, 2, 1, 0, 2]), (torch.rand(6, 5, generator=generator) > 0.3)
-    accumulator = DomainExcessAccumulator(3)
-    for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):
-        accumulator.add(proxy[rows], reference[rows], domain_ids[rows], loss_mask=mask[rows])
-    sums, counts = accumulator.reduce()  # not distributed: the local vectors
-    whole_sums, whole_counts = excess_loss_stats(proxy, reference, domain_ids, 3, loss_mask=mask)
-    torch.testing.assert_close(sums, whole_sums, rtol=0, atol=1e-12)
-    assert torch.equal(counts, whole_counts)
-    accumulator.reset()
-    assert accumulator.sums.sum() == 0 and accumulator.counts.sum() == 0
-
-
 # ---------------------------------------------------------------------------------------------------------
 # proxy objectives: split invariance
 
@@ -368,66 +347,6 @@ def test_objective_edge_cases():
         proxy_loss(losses, domain_ids, [0.5, 0.5], domain_token_counts=[3.0, 2.0])
     with pytest.raises(ValueError, match="one entry per domain"):
         proxy_loss(losses, domain_ids, [0.5, 0.5], domain_token_counts=[3.0, 3.0, 3.0])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# real 2-process gloo reduction
-
-def _rank_micro_batches(rank):
-    """Two micro-batches (proxy, reference, domain_ids, mask) per rank, 3 domains; domain 2 only on rank 1."""
-    generator = torch.Generator().manual_seed(100 + rank)
-    batches = []
-    for _ in range(2):
-        proxy = torch.rand(3, 4, generator=generator, dtype=torch.float64) * 5
-        reference = torch.rand(3, 4, generator=generator, dtype=torch.float64) * 5
-        domain_ids = torch.randint(0, 2, (3,), generator=generator) + (torch.tensor([0, 0, 1]) if rank else 0)
-        mask = (torch.rand(3, 4, generator=generator) > 0.2).long()
-        batches.append((proxy, reference, domain_ids, mask))
-    return batches
-
-
-def _gloo_worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        accumulator = DomainExcessAccumulator(3, "cpu")
-        for proxy, reference, domain_ids, mask in _rank_micro_batches(rank):
-            accumulator.add(proxy, reference, domain_ids, loss_mask=mask)
-        results = {"local": (accumulator.sums.clone(), accumulator.counts.clone())}
-        results["world"] = accumulator.reduce()
-        both = dist.new_group([0, 1])
-        only_rank0 = dist.new_group([0])  # every rank must take part in creating a group
-        results["explicit_group"] = accumulator.reduce(group=both)
-        if rank == 0:
-            results["own_group"] = accumulator.reduce(group=only_rank0)
-        # Pipeline: rank 1 plays the last stage, rank 0 an earlier stage (its own numbers must not count).
-        results["pipeline"] = reduce_from_last_stage(accumulator.sums, accumulator.counts, is_last_stage=rank == 1)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_process_gloo_reduction(tmp_path):
-    # fork, not spawn: the children need nothing CUDA and skip re-importing torch (seconds per process).
-    mp.start_processes(_gloo_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
-    local = []
-    for rank in range(2):
-        accumulator = DomainExcessAccumulator(3)
-        for batch in _rank_micro_batches(rank):
-            accumulator.add(*batch[:3], loss_mask=batch[3])
-        local.append((accumulator.sums, accumulator.counts))
-    expected_sums, expected_counts = local[0][0] + local[1][0], local[0][1] + local[1][1]
-    assert expected_counts[2] > 0 and local[0][1][2] == 0
-    for rank in range(2):
-        results = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
-        torch.testing.assert_close(results["local"][0], local[rank][0], rtol=0, atol=0)
-        for key in ("world", "explicit_group"):
-            torch.testing.assert_close(results[key][0], expected_sums, rtol=0, atol=1e-12)
-            torch.testing.assert_close(results[key][1], expected_counts, rtol=0, atol=0)
-        torch.testing.assert_close(results["pipeline"][0], local[1][0], rtol=0, atol=0)
-        torch.testing.assert_close(results["pipeline"][1], local[1][1], rtol=0, atol=0)
-    own = torch.load(os.path.join(tmp_path, "rank0.pt"))["own_group"]
-    torch.testing.assert_close(own[0], local[0][0], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
-"""megadoremi-pipeline end to end on a small corpus: phases, rounds, reuse of complete phases, report."""
+"""The DoReMi workflow (megadoremi-pipeline) end to end on a small corpus: phases, rounds, reuse of complete phases, report."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ from tests.helpers.launch import REPO_ROOT, clean_env
 
 
 def pipeline(args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "megadoremi.pipeline", *args], cwd=REPO_ROOT, env=clean_env(),
+    return subprocess.run([sys.executable, "-m", "megadoremi.workflow", *args], cwd=REPO_ROOT, env=clean_env(),
                           capture_output=True, text=True, timeout=600, **kwargs)
 
 

@@ -19,7 +19,7 @@ $(STAMP): setup.py requirements-test.txt
 	$(PIP) install --quiet --upgrade pip wheel setuptools
 	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install --quiet "$(TORCH_SPEC)"; fi
 	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation "$(DEEPSPEED_SPEC)"
-	$(PIP) install --quiet sentencepiece numpy mpi4py mpich pyyaml tqdm tensorboard matplotlib
+	$(PIP) install --quiet sentencepiece numpy mpi4py mpich pyyaml tqdm tensorboard matplotlib scipy==1.17.1
 	$(PIP) install --quiet -r requirements-test.txt
 	# megatron-core is a test-only oracle for file formats and blending: no deps, never imported by the package.
 	$(PIP) install --quiet --no-deps megatron-core

@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately not listed: an unpinned torch requirement makes pip pull the CUDA build.
     # The Makefile installs torch pinned first (see README).
-    install_requires=["numpy", "sentencepiece", "pyyaml", "tqdm"],
+    install_requires=["numpy", "sentencepiece", "pyyaml", "tqdm", "scipy"],
     extras_require={"mpi": ["mpi4py"], "train": ["deepspeed"]},
     entry_points={
         "console_scripts": [

@@ -151,12 +151,67 @@ class CheckpointConfig:
 
 
 @dataclass
+class ADOConfig:
+    """ADO's hyper-parameters (``mixing.ado.*``); defaults are the authors' Pile settings (MIXING.md)."""
+
+    refit_interval: int = 1000  # steps between power-law refits (t_update)
+    ignore_steps: int = 1000  # the first step whose loss enters a fit
+    fit_stride: int = 10  # every fit_stride-th step's smoothed loss is a fit point
+    min_fit_points: int = 20  # a refit needs this many points (the reference's first fit has one: see ado.py)
+    smoothing_window: int = 101  # Savitzky-Golay window over the loss history (steps)
+    smoothing_order: int = 3
+    credit_decay: float = 0.1  # gamma1: weight of the step's realised shares in the credit h
+    credit_exponent: float = 0.5  # s: lambda = h^s
+    preference_weight: float = 0.1  # gamma2: weight of the new preference rho in pi
+    min_preference: float = 0.01  # delta_min: floor on rho
+    alpha_floor: float = 0.05  # floor on the fitted exponent in the forecast slope
+
+    def validate(self) -> None:
+        for name in ("refit_interval", "fit_stride", "min_fit_points", "smoothing_window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mixing.ado.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.ignore_steps < 0:
+            raise ConfigError(f"mixing.ado.ignore_steps: must be >= 0, got {self.ignore_steps}")
+        if self.smoothing_window % 2 == 0 or not 0 <= self.smoothing_order < self.smoothing_window:
+            raise ConfigError(f"mixing.ado.smoothing_window / smoothing_order: the window must be odd and larger "
+                              f"than the order, got {self.smoothing_window} / {self.smoothing_order}")
+        for name in ("credit_decay", "preference_weight"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"mixing.ado.{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.credit_exponent < 0 or self.alpha_floor < 0:
+            raise ConfigError("mixing.ado.credit_exponent and alpha_floor: must be >= 0")
+
+
+@dataclass
+class ODMConfig:
+    """ODM's hyper-parameters (``mixing.odm.*``)."""
+
+    smoothing: float | None = None  # a in R <- a R + (1 - a) reward; required: 0.5 (the authors' later runs,
+    # the likelier paper value) or 0.9 (their code's argument default)
+    variant: str = "smoothed_mean"  # smoothed_mean (the code's) | paper (Exp3, smoothed) | exp3 (cumulative)
+
+    def validate(self) -> None:
+        from megadoremi.data.mixing.odm import VARIANTS
+
+        if self.smoothing is not None and not 0 <= self.smoothing < 1:
+            raise ConfigError(f"mixing.odm.smoothing: must be in [0, 1), got {self.smoothing}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"mixing.odm.variant: must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+
+
+@dataclass
 class MixingConfig:
     """How the sampling mixture evolves during the run (``megadoremi.data.mixing``)."""
 
-    method: str = "static"  # static: data.weights for the whole run (Megatron's blend) | schedule
+    method: str = "static"  # static: data.weights for the whole run (Megatron's blend) | schedule | ado | odm
     schedule: str | None = None  # method schedule: JSON {"step": {domain: weight}, ...}, must list step 0
     sampler: str = "stratified"  # dynamic methods draw through MixtureSampler: stratified | random
+    prior: str | dict[str, float] = "natural"  # ado / odm: the prior mixture, natural (token shares of the
+    # training splits) | uniform | a weights JSON file | {domain: weight}
+    warmup_steps: int | None = None  # ado / odm: steps drawn from the prior before the policy may move
+    # (None: the method's default, ADO 500, ODM 2000)
+    ado: ADOConfig = field(default_factory=ADOConfig)
+    odm: ODMConfig = field(default_factory=ODMConfig)
 
     def validate(self) -> None:
         from megadoremi.data.mixing import METHODS
@@ -171,6 +226,13 @@ class MixingConfig:
             raise ConfigError(f"mixing.schedule: only used with mixing.method=schedule, not {self.method!r}")
         if self.sampler not in MODES:
             raise ConfigError(f"mixing.sampler: must be one of {', '.join(MODES)}, got {self.sampler!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"mixing.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.method == "odm" and self.odm.smoothing is None:
+            raise ConfigError("mixing.odm.smoothing: required with mixing.method=odm: 0.5 reproduces the authors' "
+                              "later (paper) runs, 0.9 is their code's default")
+        self.ado.validate()
+        self.odm.validate()
 
 
 @dataclass

@@ -279,6 +279,20 @@ def domain_document_range(indexed: IndexedDataset, split: str, split_index: int)
     return ranges[split_index]
 
 
+def natural_weights(domain_prefixes: Mapping[str, str], split: str = "969,30,1", split_index: int = 0
+                    ) -> np.ndarray:
+    """Each domain's share of the tokens in its ``split_index`` part (the training split by default), (K,)."""
+    tokens = []
+    for prefix in domain_prefixes.values():
+        indexed = IndexedDataset(prefix)
+        start, end = domain_document_range(indexed, split, split_index)
+        tokens.append(int(indexed.sequence_lengths[start:end].sum(dtype=np.int64)))
+    total = sum(tokens)
+    if total == 0:
+        raise ValueError(f"natural weights: the domains' split {split_index} of {split!r} holds no tokens")
+    return np.array(tokens, dtype=np.float64) / total
+
+
 def build_blended_dataset(
     domain_prefixes: Mapping[str, str],
     weights,

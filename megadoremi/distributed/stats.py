@@ -20,6 +20,16 @@ def all_reduce_sum(vector: torch.Tensor, group=None) -> torch.Tensor:
     return result
 
 
+def broadcast_array(array: np.ndarray, device="cpu", src: int = 0) -> np.ndarray:
+    """Rank ``src``'s float64 ``array`` on every rank (every rank passes an array of the same shape); the array
+    itself when not distributed. Used for results computed on one rank only (ADO's curve fit)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return array
+    tensor = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float64)).to(device)
+    dist.broadcast(tensor, src=src)
+    return tensor.cpu().numpy()
+
+
 class DomainStats:
     """``sums`` (k,), ``tokens`` (k,) and ``samples`` (k,), float64 on ``device``.
 

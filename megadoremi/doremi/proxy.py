@@ -167,7 +167,7 @@ class DoReMiObjective:
                 handle.write(data_path + "\n")
             logger.info("Megatron --data-path %s", data_path)
         try:
-            from megadoremi.doremi.plot import plot_trajectory
+            from megadoremi.utils.plot import plot_trajectory
 
             plot_trajectory(os.path.join(run_dir, TRAJECTORY_FILE), os.path.join(run_dir, "doremi_weights.png"))
         except ImportError as error:

@@ -8,6 +8,7 @@ from megadoremi.data.mixing import MixturePolicy, build_mixture_policy
 from megadoremi.data.stream import TrainStreamSpec, train_stream_spec
 from megadoremi.distributed.engine import TrainingEngine
 from megadoremi.distributed.plan import BatchPlan
+from megadoremi.distributed.stats import broadcast_array
 from megadoremi.doremi.proxy import DoReMiObjective
 from megadoremi.doremi.reference import build_reference
 from megadoremi.model.gpt import GPTConfig
@@ -30,10 +31,12 @@ def build_model_config(config: ExperimentConfig) -> GPTConfig:
     return gpt_config_from_preset(model.preset, vocab_size, config.train.seq_length, **overrides)
 
 
-def build_mixture(config: ExperimentConfig) -> MixturePolicy:
-    """The mixture policy of ``mixing`` over ``data.domains`` (``data.weights``: the static mixture)."""
+def build_mixture(config: ExperimentConfig, rank: int = 0, device="cpu") -> MixturePolicy:
+    """The mixture policy of ``mixing`` over ``data.domains`` (``data.weights``: the static mixture); a curve fit
+    runs on rank 0 and is broadcast from there over ``device``."""
     try:
-        return build_mixture_policy(config.mixing, list(config.data.domains), config.data.weights)
+        return build_mixture_policy(config.mixing, config.data, fits=rank == 0,
+                                    broadcast=lambda array: broadcast_array(array, device))
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

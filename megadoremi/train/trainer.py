@@ -20,6 +20,8 @@ import torch.distributed as dist
 from megadoremi.config import ConfigError, ExperimentConfig, save_config
 from megadoremi.data.batches import TrainBatches
 from megadoremi.data.blending import build_domain_eval_datasets
+from megadoremi.data.mixing.outputs import TRAJECTORY_FILE as MIXING_TRAJECTORY_FILE
+from megadoremi.data.mixing.outputs import write_mixing_outputs
 from megadoremi.data.stream import build_train_stream
 from megadoremi.distributed.engine import build_ds_config, build_engine
 from megadoremi.distributed.env import DistributedEnv
@@ -36,8 +38,6 @@ from megadoremi.utils.fs import atomic_output
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
-
-MIXING_TRAJECTORY_FILE = "mixing_trajectory.jsonl"
 
 
 class _StopFlag:
@@ -83,7 +83,7 @@ class Trainer:
             with atomic_output(os.path.join(self.run_dir, "ds_config.json"), "w") as handle:
                 json.dump({**self.ds_config, "megadoremi_batch_plan": self.plan.to_dict()}, handle, indent=2)
         self._barrier()
-        self.mixture = build_mixture(config)
+        self.mixture = build_mixture(config, self.rank, self.device)
         self.stream_spec = build_stream_spec(config, self.plan, self.mixture)
         self.domain_names = self.stream_spec.domain_names
         self.stream = build_train_stream(self.stream_spec)
@@ -262,6 +262,8 @@ class Trainer:
             summary["eval"] = self.evaluate(self.next_step)
             summary["final_loss"] = record["loss"] if record is not None else None
             summary.update(self.objective.finish(self.run_dir, write=self.rank == 0))
+            if self.mixture.dynamic and self.rank == 0:
+                summary["mixing_weights"] = write_mixing_outputs(self.run_dir, self.stream_spec.domains)
             if config.checkpoint.export_model:
                 export_model(self.trained, self.run_dir, self.rank)
         if self.rank == 0 and summary["status"] == "completed":

@@ -39,7 +39,7 @@ def make(domains, tmp_path, steps=10, weights=None, schedule=None, seed=3):
         path.write_text(schedule)
         mixing = MixingConfig(method="schedule", schedule=str(path))
     train = TrainConfig(steps=steps, seq_length=16, seed=seed)
-    policy = build_mixture_policy(mixing, NAMES, weights)
+    policy = build_mixture_policy(mixing, data)
     return policy, train_stream_spec(data, train, policy, GLOBAL_BATCH, mixing.sampler)
 
 

@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from megadoremi.config import MixingConfig
+from megadoremi.config import DataConfig, MixingConfig
 from megadoremi.data.mixing import ScheduledMixture, StaticMixture, build_mixture_policy, load_schedule
 
 NAMES = ["web", "code", "math"]
+DOMAINS = {name: f"/no/dataset/{name}" for name in NAMES}  # static and schedule policies read no data
 
 
 def schedule_file(tmp_path, content, name="schedule.json"):
@@ -19,11 +20,11 @@ def schedule_file(tmp_path, content, name="schedule.json"):
 
 
 def test_static_policy_keeps_its_weights():
-    policy = build_mixture_policy(MixingConfig(), NAMES, None)
+    policy = build_mixture_policy(MixingConfig(), DataConfig(domains=DOMAINS))
     assert isinstance(policy, StaticMixture) and not policy.dynamic
     np.testing.assert_array_equal(policy.initial_weights, np.full(3, 1 / 3))
     assert policy.update(0, None) is None and policy.update(10**6, None) is None
-    weighted = build_mixture_policy(MixingConfig(), NAMES, {"web": 2, "code": 1, "math": 1})
+    weighted = build_mixture_policy(MixingConfig(), DataConfig(domains=DOMAINS, weights={"web": 2, "code": 1, "math": 1}))
     np.testing.assert_allclose(weighted.initial_weights, [0.5, 0.25, 0.25])
     assert weighted.describe() == {"method": "static", "weights": [0.5, 0.25, 0.25]}
 
@@ -31,7 +32,7 @@ def test_static_policy_keeps_its_weights():
 def test_schedule_changes_weights_at_the_listed_steps(tmp_path):
     path = schedule_file(tmp_path, {"0": {"web": 1, "code": 1, "math": 2}, "5": {"web": 0, "code": 1, "math": 3},
                                     "12": {"web": 1, "code": 0, "math": 0}})
-    policy = build_mixture_policy(MixingConfig(method="schedule", schedule=path), NAMES, None)
+    policy = build_mixture_policy(MixingConfig(method="schedule", schedule=path), DataConfig(domains=DOMAINS))
     assert isinstance(policy, ScheduledMixture) and policy.dynamic
     np.testing.assert_allclose(policy.initial_weights, [0.25, 0.25, 0.5])
     # update(t) runs after step t and returns the weights of step t + 1, or None when they do not change.

@@ -8,8 +8,15 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.megadoremi-installed
 DEMO_DIR ?= demo_workdir
+COMPARE_DIR ?= compare_workdir
+# Mixing methods side by side on the demo corpus, 3 training seeds each. The online methods' schedules are the
+# authors' (60k-100k steps) scaled to 400 steps: ADO leaves its prior after 40 steps and refits every 40 steps
+# from every 2nd step's loss from step 20 on (smoothing window 21); ODM leaves its prior after 40 steps.
+COMPARE_ARGS ?= --methods stratified,natural,doremi,ado,odm --seeds 3 --set mixing.warmup_steps=40 \
+	--set mixing.ado.refit_interval=40 --set mixing.ado.ignore_steps=20 --set mixing.ado.fit_stride=2 \
+	--set mixing.ado.smoothing_window=21 --set mixing.ado.min_fit_points=10
 
-.PHONY: venv test demo test-fast clean-demo
+.PHONY: venv test demo compare test-fast clean-demo
 
 venv: $(STAMP)
 
@@ -34,8 +41,12 @@ test: venv
 demo: venv
 	$(PY) -m megadoremi.demo --workdir $(DEMO_DIR)
 
+# About 40 minutes on 2 cores: reference, proxy and 14 main models (5 methods x 3 seeds, one reused).
+compare: venv
+	$(PY) -m megadoremi.demo --workdir $(COMPARE_DIR) $(COMPARE_ARGS)
+
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) $(COMPARE_DIR)
 
 # The slurm/ scripts against a one-node Slurm cluster the tests start (a few minutes on 2 cores). Installs Debian's
 # slurm-wlm and munge when missing (root); if that fails the tests fail and say so.

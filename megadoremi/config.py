@@ -128,6 +128,8 @@ class EvalConfig:
     max_samples_per_domain: int = 64
     batch_size: int | None = None  # per-rank validation micro-batch; None: train.micro_batch_size (always so
     # with pipeline stages, whose engine needs fixed micro-batch shapes)
+    seed: int = 1234  # orders each domain's validation samples: the validation set never depends on train.seed,
+    # so runs with different training seeds (and mixtures) are evaluated on the same samples
 
     def validate(self) -> None:
         if self.interval < 0 or self.max_samples_per_domain <= 0 or (self.batch_size is not None and self.batch_size <= 0):

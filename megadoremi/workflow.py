@@ -1,14 +1,17 @@
 """The DoReMi workflow end to end from a folder of per-domain jsonl files (console script ``megadoremi-pipeline``).
 
     megadoremi-pipeline --corpus DIR --workdir DIR [--preset tiny] [--nproc 2] [--steps N] [--rounds R]
-                        [--skip-main]
+                        [--skip-main] [--methods stratified,natural,doremi,ado,odm] [--seeds N]
 
 Phases, each a normal training run in its own run directory (resumable, launched with torchrun / mpiexec /
 deepspeed), each skipped when its outputs are complete:
   tokenizer -> preprocess every domain -> per round r: reference on alpha_ref, DRO proxy -> alpha_bar
   (round r+1 uses alpha_bar as its alpha_ref; stops early when max |alpha_bar - alpha_ref| < 1e-3)
-  -> two main models with the same budget: baseline (the first alpha_ref) and DoReMi (the last alpha_bar)
-  -> WORKDIR/eval.json and WORKDIR/report.md (``--skip-main``: stop after the weights; report.md has them).
+  -> main models with the same budget, one per method and seed (``runs/main/METHOD/seedS``): the baseline (the
+  first alpha_ref: stratified = uniform, or natural = token shares) and every method of ``--methods`` (doremi:
+  the last alpha_bar; ado, odm: online mixing in the main run, ``--set mixing.KEY=VALUE`` reaches them)
+  -> WORKDIR/eval.json, results.jsonl, report.md, validation_curves.png (``--skip-main``: stop after the
+  weights; report.md has them). The DoReMi weights are computed once and reused for every seed.
 """
 
 import argparse
@@ -20,6 +23,8 @@ import sys
 
 import yaml
 
+from megadoremi import compare
+from megadoremi.data.blending import natural_weights
 from megadoremi.data.indexed_dataset import IndexedDataset
 from megadoremi.distributed.env import free_port
 from megadoremi.utils.fs import atomic_output
@@ -54,9 +59,35 @@ def _write_json(path: str, data) -> None:
         json.dump(data, handle, indent=1)
 
 
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """``SECTION.KEY=VALUE`` overrides (YAML values) applied to a nested config dict, in place; returns it."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        node = config
+        *parents, leaf = key.lstrip("-").split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in compare.METHODS]
+    if unknown or not methods:
+        raise WorkflowError(f"--methods {text}: unknown method(s) {unknown}; choose from {', '.join(compare.METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
 class Workflow:
     def __init__(self, args):
         self.args = args
+        self.methods = parse_methods(args.methods)
+        if args.seeds < 1:
+            raise WorkflowError(f"--seeds: must be >= 1, got {args.seeds}")
+        comparing = self.methods != ["doremi"] or args.seeds > 1
+        self.eval_interval = args.eval_interval if args.eval_interval is not None else \
+            (max(1, args.steps // 10) if comparing else 0)
         if args.nproc < 1:
             raise WorkflowError(f"--nproc: must be >= 1, got {args.nproc}")
         if args.launcher == "python" and args.nproc != 1:
@@ -105,9 +136,8 @@ class Workflow:
         return prefixes
 
     def natural_weights(self, prefixes: dict[str, str]) -> dict[str, float]:
-        tokens = {name: IndexedDataset(prefix).num_tokens for name, prefix in prefixes.items()}
-        total = sum(tokens.values())
-        return {name: count / total for name, count in tokens.items()}
+        """Token shares of the domains' training splits (the same definition as ``mixing.prior: natural``)."""
+        return dict(zip(prefixes, natural_weights(prefixes, self.args.split).tolist()))
 
     # --- training phases -------------------------------------------------------------------------------
 
@@ -121,17 +151,10 @@ class Workflow:
                       "seq_length": args.seq_length, "lr": args.lr, "min_lr": args.lr / 10, "seed": args.seed,
                       "log_interval": max(1, args.steps // 20)},
             "parallel": {"zero_stage": args.zero_stage, "pipeline_stages": 1},
-            "eval": {"interval": 0, "max_samples_per_domain": args.eval_samples},
+            "eval": {"interval": self.eval_interval, "max_samples_per_domain": args.eval_samples},
             "checkpoint": {"interval": max(1, args.steps // 4), "keep_last": 1},
         }
-        for override in args.set:
-            key, _, value = override.partition("=")
-            node = config
-            *parents, leaf = key.lstrip("-").split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = yaml.safe_load(value)
-        return config
+        return apply_overrides(config, [o for o in args.set if not o.lstrip("-").startswith("mixing.")])
 
     def launch(self, run_dir: str, config: dict | None) -> dict:
         """Run one training phase (or reuse it when finished); returns its final.json. ``config`` None: the
@@ -205,33 +228,86 @@ class Workflow:
                 logger.info("DoReMi converged after %d round(s)", round_index)
                 break
             alpha_ref = alpha_bar
-        final_weights = rounds[-1]["weights_file"]
         if args.skip_main:
             report = render_report(self.names, rounds, baseline_weights, None, args)
             with atomic_output(os.path.join(self.workdir, "report.md"), "w") as handle:
                 handle.write(report)
             return {"rounds": rounds, "eval": None, "report": report}
-        main_base = {**base, "model": {**base["model"], "preset": args.main_preset or base["model"]["preset"]}}
-        if main_base["model"] == base["model"]:
-            # Same preset, mixture (round 1's alpha_ref), steps, seed and settings as the round-1 reference: the
-            # baseline would be the very same (deterministic) training run, so it is not trained twice.
-            baseline_dir = os.path.join(self.workdir, "runs", "round1", "reference")
-            logger.info("baseline main model = the round-1 reference run (identical configuration)")
-            baseline = self.launch(baseline_dir, None)
+        return self.main_runs(base, prefixes, rounds, baseline_weights)
+
+    def method_config(self, method: str, main_base: dict, prefixes: dict, final_weights: str) -> dict:
+        """The main-run config of one mixing method (the seed is set by the caller)."""
+        weights_dir = os.path.join(self.workdir, "runs", "main")
+        if method in ("stratified", "natural"):
+            path = os.path.join(weights_dir, f"{method}_weights.json")
+            weights = {n: 1.0 / len(self.names) for n in self.names} if method == "stratified" else \
+                self.natural_weights(prefixes)
+            _write_json(path, weights)
+            config = {**main_base, "data": {**main_base["data"], "weights": path}}
+        elif method == "doremi":
+            config = {**main_base, "data": {**main_base["data"], "weights": final_weights}}
         else:
-            baseline_dir = os.path.join(self.workdir, "runs", "main_baseline")
-            baseline_path = os.path.join(self.workdir, "runs", "baseline_weights.json")
-            _write_json(baseline_path, baseline_weights)
-            baseline = self.launch(baseline_dir, {**main_base, "data": {**base["data"], "weights": baseline_path}})
-        doremi_dir = os.path.join(self.workdir, "runs", "main_doremi")
-        doremi = self.launch(doremi_dir, {**main_base, "data": {**base["data"], "weights": final_weights}})
-        evaluation = {"baseline": baseline["eval"]["val_loss"], "doremi": doremi["eval"]["val_loss"]}
+            mixing = {"method": method}
+            if method == "odm":
+                mixing["odm"] = {"smoothing": 0.5}  # the authors' later (paper) runs; --set overrides it
+            config = {**main_base, "mixing": mixing}
+        mixing_overrides = [o for o in self.args.set if o.lstrip("-").startswith("mixing.")]
+        return apply_overrides(json.loads(json.dumps(config)), mixing_overrides)
+
+    def main_runs(self, base: dict, prefixes: dict, rounds: list, baseline_weights: dict) -> dict:
+        """One main model per method and seed, the same budget each; eval.json, results.jsonl, report.md."""
+        args = self.args
+        main_base = {**base, "model": {**base["model"], "preset": args.main_preset or base["model"]["preset"]}}
+        anchor = "stratified" if args.reference_weights == "uniform" else "natural"
+        methods = [anchor] + [m for m in self.methods if m != anchor]
+        seeds = [args.seed + i for i in range(args.seeds)]
+        results, run_dirs = {}, {}
+        for method in methods:
+            config = self.method_config(method, main_base, prefixes, rounds[-1]["weights_file"])
+            for seed in seeds:
+                run_dir = os.path.join(self.workdir, "runs", "main", method, f"seed{seed}")
+                if method == anchor and seed == args.seed and main_base["model"] == base["model"]:
+                    # Same preset, mixture (round 1's alpha_ref), steps, seed and settings as the round-1 reference:
+                    # the same (deterministic) training run, so it is not trained twice.
+                    run_dir = os.path.join(self.workdir, "runs", "round1", "reference")
+                    logger.info("%s main model, seed %d = the round-1 reference run (identical configuration)",
+                                method, seed)
+                    self.launch(run_dir, None)
+                else:
+                    self.launch(run_dir, {**config, "train": {**config["train"], "seed": seed}})
+                results.setdefault(method, {})[seed] = compare.run_result(run_dir)
+                run_dirs.setdefault(method, {})[seed] = run_dir
+        evaluation = compare.averaged_eval(results)
+        evaluation = {"baseline": evaluation[anchor], **({"doremi": evaluation["doremi"]} if "doremi" in evaluation
+                                                         else {}), **evaluation}
         _write_json(os.path.join(self.workdir, "eval.json"), evaluation)
-        report = render_report(self.names, rounds, baseline_weights, evaluation, args,
-                               runs={"baseline": baseline_dir, "doremi": doremi_dir})
+        with atomic_output(os.path.join(self.workdir, "results.jsonl"), "w") as handle:
+            for line in compare.results_lines(results, anchor):
+                handle.write(json.dumps(line) + "\n")
+        compare.plot_curves(results, os.path.join(self.workdir, "validation_curves.png"))
+        weights = self.final_weights(methods, run_dirs, prefixes, rounds)
+        report = render_report(self.names, rounds, baseline_weights, evaluation, args, anchor=anchor,
+                               runs={m: run_dirs[m][args.seed] for m in run_dirs},
+                               comparison=compare.render_comparison(results, anchor, weights, self.names)
+                               if len(methods) > 2 or len(seeds) > 1 else None)
         with atomic_output(os.path.join(self.workdir, "report.md"), "w") as handle:
             handle.write(report)
-        return {"rounds": rounds, "eval": evaluation, "report": report}
+        return {"rounds": rounds, "eval": evaluation, "report": report, "results": results}
+
+    def final_weights(self, methods, run_dirs, prefixes, rounds) -> dict:
+        """Each method's sampling weights for the report: fixed ones, or the online methods' seed-mean average."""
+        weights = {}
+        for method in methods:
+            if method == "stratified":
+                weights[method] = {n: 1.0 / len(self.names) for n in self.names}
+            elif method == "natural":
+                weights[method] = self.natural_weights(prefixes)
+            elif method == "doremi":
+                weights[method] = rounds[-1]["alpha_bar"]
+            else:
+                runs = [json.load(open(os.path.join(d, "mixing_weights.json"))) for d in run_dirs[method].values()]
+                weights[method] = {n: sum(r[n] for r in runs) / len(runs) for n in self.names}
+        return weights
 
 
 def summarize(losses: dict[str, float]) -> tuple[float, float, str]:
@@ -239,8 +315,10 @@ def summarize(losses: dict[str, float]) -> tuple[float, float, str]:
     return sum(losses.values()) / len(losses), losses[worst], worst
 
 
-def render_report(names, rounds, baseline_weights, evaluation, args, runs: dict | None = None) -> str:
-    """report.md: weights per round, per-domain validation loss of both main models, average and worst."""
+def render_report(names, rounds, baseline_weights, evaluation, args, anchor: str = "stratified",
+                  runs: dict | None = None, comparison: list[str] | None = None) -> str:
+    """report.md: weights per round, per-domain validation loss of the baseline and DoReMi main models, average
+    and worst, and (``comparison``) the mixing methods side by side over seeds."""
     final = rounds[-1]["alpha_bar"]
     lines = [f"# DoReMi report\n",
              f"Proxy and reference: `{args.preset}`; main models: `{args.main_preset or args.preset}`; "
@@ -262,11 +340,14 @@ def render_report(names, rounds, baseline_weights, evaluation, args, runs: dict 
         lines += [f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}. "
                   "Main models not trained (--skip-main).\n"]
         return "\n".join(lines)
+    if "doremi" not in evaluation:
+        return "\n".join(lines + (comparison or []))
     baseline, doremi = evaluation["baseline"], evaluation["doremi"]
-    lines += ["## Validation loss of the main models (per token, nats)\n"]
+    seeds = f" (mean over {args.seeds} seeds)" if args.seeds > 1 else ""
+    lines += [f"## Validation loss of the main models (per token, nats){seeds}\n"]
     if runs:
-        same = os.path.basename(runs["baseline"]) == "reference"
-        lines += [f"Runs: baseline `{runs['baseline']}`" + (
+        same = os.path.basename(runs[anchor]) == "reference"
+        lines += [f"Runs (seed {args.seed}): baseline = {anchor} `{runs[anchor]}`" + (
             " (the round-1 reference: with the same preset, mixture, steps and seed the baseline main model is "
             "the same training run, so it is not trained twice)" if same else "")
             + f", DoReMi `{runs['doremi']}`.\n"]
@@ -286,8 +367,10 @@ def render_report(names, rounds, baseline_weights, evaluation, args, runs: dict 
               f"The DoReMi main model {verdict_avg} the baseline on average validation loss "
               f"({dor_avg:.4f} vs {base_avg:.4f}) and {verdict_worst} it on the worst domain "
               f"({dor_worst:.4f} vs {base_worst:.4f}); it is better on {better_domains} of {len(names)} domains. "
-              f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}.\n"]
-    return "\n".join(lines)
+              f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}."
+              + (" One training seed: differences smaller than the seed-to-seed spread cannot be told from noise "
+                 "(`--seeds 3` measures it)." if args.seeds == 1 else "") + "\n"]
+    return "\n".join(lines + (comparison or []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,10 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-samples", type=int, default=64, help="validation samples per domain")
     parser.add_argument("--step-size", type=float, default=1.0, help="DoReMi eta")
     parser.add_argument("--smoothing", type=float, default=1e-3, help="DoReMi c")
+    parser.add_argument("--methods", default="doremi",
+                        help="comma-separated mixing methods for the main models, each compared with the baseline "
+                             "(stratified or natural, the reference mixture): " + ", ".join(compare.METHODS)
+                             + " (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training seeds per method: --seed, --seed + 1, ... (default: %(default)s)")
+    parser.add_argument("--eval-interval", type=int, default=None,
+                        help="steps between validations (default: steps / 10 when comparing methods or seeds, "
+                             "else only at the end)")
     parser.add_argument("--skip-main", action="store_true",
                         help="stop after the DoReMi weights (no baseline / DoReMi main models, no eval.json)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="extra config override for every phase (repeatable)")
+                        help="extra config override for every phase (repeatable); mixing.* keys reach only the main "
+                             "models")
     return parser
 
 

@@ -23,6 +23,11 @@ and activations, fp32 master weights and optimiser states) and the bare loop kee
 ``torch.autocast(bfloat16)`` (bf16 matmuls, fp32 optimiser): the matmuls, hence the counted FLOPs, are bf16 on
 both sides.
 
+``--mode proxy`` times a plain Trainer step against DoReMi proxy steps (live reference model, and cached reference
+losses); ``--mode mixing`` times a static-mixture step against ADO and ODM steps (both moving from the first step;
+ADO with a fit in place) and one ADO refit at the reference's size (22 domains, a 60k-step history), amortised
+over its 1000-step refit interval.
+
 FLOPs per token: ``megadoremi.model.flops.flops_per_token`` (6 x matmul parameters, logits included, plus the
 attention scores over the full seq x seq square; ``mfu_causal_attention`` counts half of that square).
 MFU = tokens/s x flops_per_token / (peak per device x world size). The peak is the vendor's dense figure for
@@ -67,6 +72,7 @@ from megadoremi.utils.logging import configure_logging, get_logger
 
 logger = get_logger(__name__)
 
+MODES = ("overhead", "proxy", "mixing")
 DEFAULT_VOCAB_SIZE = 512
 SYNTHETIC_DOMAINS = ("synthetic_a", "synthetic_b", "synthetic_c")
 CORPUS_DOMAINS = ("stdlib_code", "licenses", "arithmetic", "boilerplate", "random_chars")
@@ -283,7 +289,8 @@ def run_blocks(loops: dict, steps: range, block_steps: int, barrier) -> dict:
 class TrainBenchConfig:
     """What to benchmark; ``validate()`` names the offending option."""
 
-    mode: str = "overhead"  # overhead: Trainer vs a bare loop | proxy: DoReMi proxy steps vs plain steps
+    mode: str = "overhead"  # overhead: Trainer vs a bare loop | proxy: DoReMi proxy steps vs plain steps |
+    # mixing: ADO and ODM steps vs static-mixture steps
     preset: str = "tiny"
     seq_length: int = 256
     micro_batch_size: int = 4
@@ -302,8 +309,11 @@ class TrainBenchConfig:
     workdir: str | None = None
 
     def validate(self) -> None:
-        if self.mode not in ("overhead", "proxy"):
-            raise ConfigError(f"--mode: must be overhead or proxy, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "mixing" and self.warmup_steps < 3:
+            raise ConfigError(f"--warmup-steps: --mode mixing needs at least 3 (ADO fits to them), got "
+                              f"{self.warmup_steps}")
         if self.preset.lower() not in PRESETS:
             raise ConfigError(f"--preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         for name in ("seq_length", "micro_batch_size", "grad_accum", "steps", "block_steps", "log_interval"):
@@ -427,6 +437,63 @@ def _proxy_loops(bench, experiment_dict: dict, env, plan, workdir: str, total_st
     return loops, list(trainers.values())
 
 
+MIXING_LOOPS = ("static", "ado", "odm")
+# ADO in the timed steps: a fit exists (made once after the warm-up steps from their few points), so every step
+# runs the whole update (history, credit, preference, new weights); refits themselves are timed apart, at the
+# reference's size (REFERENCE_FIT_*), and amortised over the reference's refit interval.
+BENCH_ADO = {"ignore_steps": 0, "fit_stride": 1, "smoothing_window": 3, "smoothing_order": 1, "min_fit_points": 3,
+             "refit_interval": 10**9}
+REFERENCE_FIT_DOMAINS, REFERENCE_FIT_STEPS, REFERENCE_REFIT_INTERVAL = 22, 60_000, 1000
+
+
+def _mixing_loops(experiment_dict: dict, env, plan, workdir: str, total_steps: int):
+    """The three Trainers of ``--mode mixing``; returns (loops, trainers).
+
+    static: the default mixture (Megatron's blend, uniform weights). ado, odm: the online policies from a uniform
+    prior, moving from the first step (no warm-up), drawing every step's batch through MixtureSampler. Same
+    preset, seed, data and layout.
+    """
+    online = {"prior": "uniform", "warmup_steps": 0}
+    configs = {
+        "static": config_from_dict({**experiment_dict, "run_dir": os.path.join(workdir, "run-static")}),
+        "ado": config_from_dict({**experiment_dict, "run_dir": os.path.join(workdir, "run-ado"),
+                                 "mixing": {**online, "method": "ado", "ado": BENCH_ADO}}),
+        "odm": config_from_dict({**experiment_dict, "run_dir": os.path.join(workdir, "run-odm"),
+                                 "mixing": {**online, "method": "odm", "odm": {"smoothing": 0.5}}}),
+    }
+    trainers = {}
+    for name, config in configs.items():
+        trainers[name] = Trainer(config, env, plan)
+        trainers[name].setup()
+    loops = {name: FrameworkLoop(trainer, total_steps) for name, trainer in trainers.items()}
+    return loops, list(trainers.values())
+
+
+def reference_size_fit_seconds(repeats: int = 3) -> dict:
+    """One ADO refit at the reference's scale: 22 domains, a 60k-step loss history, smoothed (Savitzky-Golay,
+    window 101) and fitted at every 10th step from step 1000 (5,900 points). Best of ``repeats`` runs; synthetic
+    power-law curves with noise."""
+    from scipy.signal import savgol_filter
+
+    from megadoremi.data.mixing.power_law import fit_power_laws
+
+    rng = np.random.default_rng(0)
+    sequences = np.arange(1, REFERENCE_FIT_STEPS + 1) * 256.0
+    alpha = rng.uniform(0.1, 0.45, REFERENCE_FIT_DOMAINS)
+    log_beta = np.minimum(np.log(rng.uniform(0.3, 2.0, REFERENCE_FIT_DOMAINS)) + alpha * math.log(256e3), 6.4)
+    curves = rng.uniform(2.0, 4.0, REFERENCE_FIT_DOMAINS)[:, None] + np.exp(log_beta)[:, None] * sequences ** -alpha[:, None]
+    history = (curves * np.exp(rng.normal(0, 0.01, curves.shape))).T  # (steps, K)
+    rows = np.arange(1000, REFERENCE_FIT_STEPS, 10)
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        smoothed = savgol_filter(history, 101, 3, axis=0, mode="interp")
+        fit_power_laws(sequences[rows], smoothed[rows].T)
+        best = min(best, time.perf_counter() - started)
+    return {"seconds": best, "domains": REFERENCE_FIT_DOMAINS, "history_steps": REFERENCE_FIT_STEPS,
+            "points": int(rows.size), "threads": torch.get_num_threads()}
+
+
 def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
     """Run the mode's loops on every rank; returns the result on rank 0 (None elsewhere)."""
     bench.validate()
@@ -459,6 +526,8 @@ def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
         try:
             if bench.mode == "proxy":
                 loops, trainers = _proxy_loops(bench, experiment_dict, env, plan, workdir, total_steps)
+            elif bench.mode == "mixing":
+                loops, trainers = _mixing_loops(experiment_dict, env, plan, workdir, total_steps)
             else:
                 loops, trainers = _overhead_loops(experiment, env, plan, device, bf16, total_steps)
             dtype = torch.bfloat16 if bf16 else torch.float32
@@ -470,6 +539,13 @@ def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
                         "reversed every block (%s)", bench.warmup_steps, bench.steps, bench.block_steps,
                         ", ".join(loops))
             warmup = run_blocks(loops, range(0, bench.warmup_steps), max(1, bench.warmup_steps), _barrier)
+            ado_fit = None
+            if bench.mode == "mixing":  # ADO's first fit, from the warm-up steps' losses (collective)
+                ado_trainer = trainers[MIXING_LOOPS.index("ado")]
+                fit_started = time.perf_counter()
+                if not ado_trainer.mixture.refit(ado_trainer.next_step - 1):
+                    raise RuntimeError("bench_train --mode mixing: ADO's fit after the warm-up steps failed")
+                ado_fit = time.perf_counter() - fit_started
             timed = run_blocks(loops, range(bench.warmup_steps, total_steps), bench.block_steps, _barrier)
             _barrier()
             gemm.append(measure_matmul_flops(device, dtype, gemm_size, gemm_repeats))
@@ -488,6 +564,8 @@ def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
         return None
     if bench.mode == "proxy":
         return _proxy_result(bench, env, trainers, experiment, plan, device, bf16, gathered, gemm_size)
+    if bench.mode == "mixing":
+        return _mixing_result(bench, env, trainers, experiment, plan, device, bf16, gathered, gemm_size, ado_fit)
     return _result(bench, env, trainers[0], experiment, plan, device, bf16, gathered, gemm_size)
 
 
@@ -627,6 +705,29 @@ def _proxy_result(bench, env, trainers, experiment, plan, device, bf16, gathered
     return result
 
 
+def _mixing_result(bench, env, trainers, experiment, plan, device, bf16, gathered, gemm_size, ado_fit) -> dict:
+    result = _common_result(bench, env, trainers[0], experiment, plan, device, bf16, gathered, gemm_size)
+    sides = {name: _side_stats(name, result, gathered, device) for name in MIXING_LOOPS}
+    result.update(sides)
+    _ratios(result, "ratio_ado_over_static", sides["ado"], sides["static"])
+    _ratios(result, "ratio_odm_over_static", sides["odm"], sides["static"])
+    fit = reference_size_fit_seconds()
+    result["ado_fit_in_run_s"] = ado_fit
+    result["ado_refit_reference_size"] = fit
+    # A refit every REFERENCE_REFIT_INTERVAL steps, spread over them, on top of the measured ADO step.
+    result["ratio_ado_over_static_amortised"] = (sides["ado"]["step_time_s"] + fit["seconds"]
+                                                 / REFERENCE_REFIT_INTERVAL) / sides["static"]["step_time_s"]
+    result["final_mixing_weights"] = {name: trainer.stream.weights.tolist()
+                                      for name, trainer in zip(MIXING_LOOPS[1:], trainers[1:])}
+    result["includes"] = {
+        "static": "the Trainer step of a run with the static mixture (Megatron's blend)",
+        "ado": "the same with ADO: MixtureSampler draws, loss history, credit, preference, new weights every step "
+               "(the fit exists; refits timed apart at the reference's size and amortised over 1000 steps)",
+        "odm": "the same with ODM: MixtureSampler draws, reward estimates, new weights every step",
+    }
+    return result
+
+
 def _report_header(result: dict) -> list[str]:
     return [
         f"megadoremi training benchmark ({result.get('mode', 'overhead')})  {result['date'][:19]}Z  torch {result['torch_version']}  "
@@ -685,6 +786,19 @@ def _report_footer(result: dict) -> list[str]:
 def format_report(result: dict) -> str:
     """The human-readable table."""
     lines = _report_header(result)
+    if result.get("mode") == "mixing":
+        labels = {"static": "static mixture", "ado": "ADO", "odm": "ODM"}
+        fit = result["ado_refit_reference_size"]
+        lines += [_side_line(labels[name], result[name]) for name in MIXING_LOOPS]
+        lines += [
+            _ratio_line(result, "ratio_ado_over_static", "ADO / static"),
+            _ratio_line(result, "ratio_odm_over_static", "ODM / static"),
+            f"ADO refit at the reference's size ({fit['domains']} domains, {fit['history_steps']}-step history, "
+            f"{fit['points']} points, {fit['threads']} thread(s)): {fit['seconds']:.3f} s; amortised over "
+            f"{REFERENCE_REFIT_INTERVAL} steps: ADO / static {result['ratio_ado_over_static_amortised']:.4f}",
+            *(_breakdown_line(labels[name], result[name]) for name in MIXING_LOOPS),
+        ]
+        return "\n".join(lines + _report_footer(result))
     if result.get("mode", "overhead") == "proxy":
         labels = {"plain": "plain (Trainer)", "proxy_live": "proxy, live reference",
                   "proxy_cached": "proxy, cached reference"}
@@ -724,10 +838,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "ratio. Runs under python (one rank), torchrun, deepspeed, srun or mpiexec.",
         epilog=__doc__)
     defaults = TrainBenchConfig()
-    parser.add_argument("--mode", choices=("overhead", "proxy"), default=defaults.mode,
+    parser.add_argument("--mode", default=defaults.mode,
                         help="overhead: the Trainer step against a bare PyTorch loop; proxy: a DoReMi proxy step "
-                             "(live reference model, and cached reference losses) against a plain step "
-                             "(default: %(default)s)")
+                             "(live reference model, and cached reference losses) against a plain step; mixing: "
+                             "ADO and ODM steps against a static-mixture step, and one ADO refit at the reference's "
+                             "size (default: %(default)s)")
     parser.add_argument("--preset", default=defaults.preset, help="model preset: " + ", ".join(PRESETS))
     parser.add_argument("--seq-length", type=int, default=defaults.seq_length)
     parser.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size)

@@ -88,7 +88,7 @@ class Trainer:
         self.domain_names = self.stream_spec.domain_names
         self.stream = build_train_stream(self.stream_spec)
         self.eval_datasets = build_domain_eval_datasets(
-            dict(config.data.domains), seq_length=config.train.seq_length, seed=config.train.seed,
+            dict(config.data.domains), seq_length=config.train.seq_length, seed=config.eval.seed,
             split=config.data.split, split_index=1, cache_dir=config.data.cache_dir,
             max_samples_per_domain=config.eval.max_samples_per_domain)
         self.model_config = build_model_config(config)

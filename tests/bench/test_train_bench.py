@@ -83,6 +83,28 @@ def test_proxy_mode_times_plain_live_and_cached_proxy_steps():
     assert "ratio proxy (live) / plain step time" in text and "ratio proxy (cached) / plain step time" in text
 
 
+def test_mixing_mode_times_static_ado_and_odm_steps():
+    command = [sys.executable, TOOL, "--mode", "mixing", "--preset", "tiny", "--seq-length", "32",
+               "--micro-batch-size", "2", "--steps", "3", "--warmup-steps", "3", "--json", "-"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)
+    assert report["mode"] == "mixing"
+    for prefix in ("ratio_ado_over_static", "ratio_odm_over_static"):
+        for suffix in ("", "_paired", "_cpu_time"):
+            assert math.isfinite(report[prefix + suffix]) and report[prefix + suffix] > 0, prefix + suffix
+    for side in ("static", "ado", "odm"):
+        assert len(report[side]["step_times_s"]) == 3 and report[side]["tokens_per_second"] > 0
+    fit = report["ado_refit_reference_size"]
+    assert fit["domains"] == 22 and fit["points"] == 5900 and fit["seconds"] > 0
+    assert report["ado_fit_in_run_s"] > 0
+    assert report["ratio_ado_over_static_amortised"] > 0
+    for name in ("ado", "odm"):  # both policies moved the weights away from the uniform prior
+        weights = report["final_mixing_weights"][name]
+        assert abs(sum(weights) - 1) < 1e-9 and max(abs(w - 1 / 3) for w in weights) > 1e-4
+    assert "ADO refit at the reference's size" in format_report(report)
+
+
 def test_bad_mode_is_one_clear_error():
     result = subprocess.run([sys.executable, TOOL, "--mode", "fast"], cwd=REPO_ROOT, env=clean_env(),
                             capture_output=True, text=True, timeout=60)

@@ -46,11 +46,18 @@ def test_proportions_change_at_the_scheduled_step(setup):
     assert set(records[-1]["domain_loss"]) == {"arithmetic", "boilerplate", "random_chars"}
 
 
-def test_resume_mid_schedule_is_exact(setup):
-    # Stops (checkpoint and exit) after step 2, before the change, and after step 4, after it; then finishes.
+@pytest.fixture(scope="module")
+def interrupted(setup):
+    """The run of ``setup`` stopped (checkpoint and exit) after step 2, before the change, and after step 4, after
+    it, then finished."""
     run_dir = str(setup["root"] / "interrupted")
     for _ in range(3):
         run_training("torchrun", 2, setup["config"], [f"--run_dir={run_dir}", *STEPS, "--train.exit_interval=2"])
+    return run_dir
+
+
+def test_resume_mid_schedule_is_exact(setup, interrupted):
+    run_dir = interrupted
     records = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     full = read_jsonl(os.path.join(setup["full"], "metrics.jsonl"))
     assert [r["step"] for r in records] == list(range(1, 7))
@@ -70,11 +77,11 @@ def test_one_rank_with_accumulation_sees_the_same_batches(setup):
                                rtol=1e-4)
 
 
-def test_changed_schedule_is_refused_on_resume(setup, tmp_path):
-    run_dir = str(tmp_path / "run")
-    run_training("python", 1, setup["config"], [f"--run_dir={run_dir}", *STEPS, "--train.exit_interval=2"])
+def test_changed_schedule_is_refused_on_resume(setup, interrupted, tmp_path):
+    # The finished run resumes from its last checkpoint (step 6) when asked for more steps.
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps({**SCHEDULE, "4": SCHEDULE["0"]}))
-    result = run_training("python", 1, setup["config"], [f"--run_dir={run_dir}", *STEPS,
+    result = run_training("python", 1, setup["config"], [f"--run_dir={interrupted}", *STEPS,
+                                                         "--train.micro_batch_size=8", "--train.steps=8",
                                                          f"--mixing.schedule={changed}"], check=False)
     assert result.returncode == 2 and "differs from the one the checkpoint was trained with" in result.stderr

@@ -31,6 +31,8 @@ LAYOUTS = {
                                                 "--parallel.pipeline_stages=2", "--parallel.zero_stage=1"]),
     "2ranks_micro4_zero3": ("torchrun", 2, ["--train.micro_batch_size=4", "--parallel.zero_stage=3"]),
 }
+# ODM's accumulation path is the pipeline layout's too (2 accumulation steps); kept shorter for the suite's time.
+SKIPPED = {("odm", "1rank_micro4_accum2")}
 TOLERANCE = {("ado", False): 1e-6, ("ado", True): 1e-4, ("odm", False): 1e-8, ("odm", True): 1e-5}
 
 
@@ -41,6 +43,8 @@ def runs(tiny_corpus, tmp_path_factory):
     run_dirs = {}
     for method, options in METHODS.items():
         for name, (launcher, nproc, overrides) in LAYOUTS.items():
+            if (method, name) in SKIPPED:
+                continue
             run_dir = str(root / f"{method}_{name}")
             run_training(launcher, nproc, config, [f"--run_dir={run_dir}", *COMMON, *options, *overrides])
             run_dirs[method, name] = run_dir
@@ -56,8 +60,8 @@ def domain_samples(run_dir) -> list:
     return [record["domain_samples"] for record in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "1rank_micro8"])
+@pytest.mark.parametrize("method, layout", [(m, name) for m in METHODS for name in LAYOUTS
+                                             if name != "1rank_micro8" and (m, name) not in SKIPPED])
 def test_weight_trajectory_is_layout_invariant(runs, method, layout):
     reference = trajectory(runs["runs"][method, "1rank_micro8"])
     other = trajectory(runs["runs"][method, layout])
@@ -89,7 +93,7 @@ def test_the_policy_moves_and_writes_its_outputs(runs, method):
     assert json.load(open(os.path.join(run_dir, "final.json")))["mixing_weights"] == pytest.approx(average)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ["ado"])  # ODM's state round trip: tests/data/mixing/test_odm.py
 def test_resume_after_a_refit_continues_exactly(runs, method):
     # Stops (checkpoint and exit) after step 8, after ADO's first refit (step 6), and resumes to the end.
     run_dir = str(runs["root"] / f"{method}_resumed")

@@ -42,6 +42,6 @@ def test_demo_weights_down_weight_noise_and_boilerplate(tmp_path):
     down = report.split("Down-weighted relative to the baseline mixture: ", 1)[1].split(".", 1)[0]
     assert NEAR_RANDOM in down and REPETITIVE in down
     assert "Main models not trained (--skip-main)" in report
-    assert not os.path.exists(workdir / "eval.json") and not os.path.exists(workdir / "runs" / "main_baseline")
+    assert not os.path.exists(workdir / "eval.json") and not os.path.exists(workdir / "runs" / "main")
     data_path = (workdir / "runs" / "round1" / "proxy" / "data_path.txt").read_text().split()
     assert len(data_path) == 12 and abs(sum(map(float, data_path[::2])) - 1) < 1e-4

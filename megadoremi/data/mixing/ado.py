@@ -106,7 +106,7 @@ class ADOPolicy(MixturePolicy):
         self.history.append(np.concatenate([[sequences], current]))
         self.refitted = False
         if step >= self.warmup_steps and step % config.refit_interval == 0:
-            self._refit(step)
+            self.refit(step)
         if step < self.warmup_steps or self.params is None:
             return None  # the prior stays in force (pibar does not move)
         preference = self.preference(sequences)
@@ -129,11 +129,13 @@ class ADOPolicy(MixturePolicy):
         """History rows that enter a fit at ``step``: ignore_steps, ignore_steps + fit_stride, ... <= step."""
         return np.arange(self.config.ignore_steps, step + 1, self.config.fit_stride)
 
-    def _refit(self, step: int) -> None:
+    def refit(self, step: int) -> bool:
+        """Fit the power laws to the history up to ``step`` (collective: every rank calls it; rank 0 fits and
+        broadcasts). The loop calls it every ``refit_interval`` steps; returns whether a new fit was accepted."""
         config, k = self.config, len(self.domain_names)
         rows, history = self.fit_points(step), self.history.rows
         if rows.size < config.min_fit_points or history.shape[0] < config.smoothing_window:
-            return
+            return False
         started = time.perf_counter()
         params = np.full((k, 3), np.nan)
         if self.fits:
@@ -148,6 +150,7 @@ class ADOPolicy(MixturePolicy):
         self.fit_seconds = time.perf_counter() - started
         if np.isfinite(params).all():
             self.params, self.refitted = params, True
+        return self.refitted
 
     # --- logs and state -------------------------------------------------------------------------------------
 

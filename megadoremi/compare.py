@@ -1,0 +1,145 @@
+"""Mixing methods side by side: per (method, seed) results from the main runs' outputs, paired statistics against
+the anchor (stratified) run of the same seed, the comparison's section of report.md, and a PNG of the
+validation-loss curves.
+
+Differences between methods are judged against seed noise: for each method, the per-seed paired difference to
+the anchor on the average and the worst-domain validation loss, their mean and standard error over seeds
+(std / sqrt(seeds)); a difference counts only when it is more than two standard errors from zero. One seed gives
+no estimate of the noise, and the report says so.
+"""
+
+import json
+import math
+import os
+import statistics
+
+from megadoremi.utils.fs import atomic_output
+
+METHODS = ("stratified", "natural", "doremi", "ado", "odm")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def run_result(run_dir: str) -> dict:
+    """A finished run's final per-domain validation loss, average, worst, and its average-loss curve."""
+    with open(os.path.join(run_dir, "final.json")) as handle:
+        final = json.load(handle)["eval"]
+    curve = [(record["step"], record["val_loss_avg"]) for record in read_jsonl(os.path.join(run_dir, "eval.jsonl"))
+             if "val_loss_avg" in record]
+    worst = max(final["val_loss"], key=final["val_loss"].get)
+    return {"val_loss": final["val_loss"], "average": final["val_loss_avg"], "worst": final["val_loss_worst"],
+            "worst_domain": worst, "curve": curve}
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first evaluated step whose average validation loss is at or below ``target`` (None: never)."""
+    return next((step for step, value in curve if value <= target), None)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def paired(results: dict, method: str, anchor: str, key: str) -> dict:
+    """Per-seed ``method - anchor`` of ``key`` (average or worst), their mean, std and standard error."""
+    differences = [results[method][seed][key] - results[anchor][seed][key] for seed in sorted(results[anchor])]
+    mean, std = mean_std(differences)
+    se = std / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
+    return {"differences": differences, "mean": mean, "std": std, "se": se}
+
+
+def verdict(difference: dict) -> str:
+    """Plain words for a paired difference (negative = lower loss than the anchor = better)."""
+    if math.isnan(difference["se"]):
+        return "one seed: no estimate of seed noise"
+    if abs(difference["mean"]) <= 2 * difference["se"]:
+        return "within seed noise"
+    return "better, beyond seed noise" if difference["mean"] < 0 else "worse, beyond seed noise"
+
+
+def results_lines(results: dict, anchor: str) -> list[dict]:
+    """One line per (method, seed): per-domain validation loss, average, worst, steps to the anchor's final
+    average loss (the anchor run of the same seed)."""
+    lines = []
+    for method, seeds in results.items():
+        for seed, result in sorted(seeds.items()):
+            target = results[anchor][seed]["average"]
+            lines.append({"method": method, "seed": seed, "val_loss": result["val_loss"], "average": result["average"],
+                          "worst": result["worst"], "worst_domain": result["worst_domain"],
+                          "steps_to_anchor_final_average": steps_to_reach(result["curve"], target),
+                          "anchor": anchor})
+    return lines
+
+
+def averaged_eval(results: dict) -> dict:
+    """``{method: {domain: validation loss averaged over seeds}}``."""
+    averaged = {}
+    for method, seeds in results.items():
+        domains = next(iter(seeds.values()))["val_loss"]
+        averaged[method] = {d: statistics.fmean(r["val_loss"][d] for r in seeds.values()) for d in domains}
+    return averaged
+
+
+def _fmt(mean: float, std: float, digits: int = 4) -> str:
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def render_comparison(results: dict, anchor: str, weights: dict, names: list[str]) -> list[str]:
+    """Markdown: methods x (average, worst, domains better than the anchor) as mean ± std over seeds, the paired
+    differences with their standard errors and a verdict, steps to the anchor's final loss, the weights."""
+    seeds = sorted(results[anchor])
+    lines = [f"## Mixing methods compared ({len(seeds)} seed(s): {', '.join(map(str, seeds))})\n",
+             f"Validation loss per token (nats) of the main models, mean ± std over seeds; differences are paired with "
+             f"the `{anchor}` run of the same seed, mean ± standard error (std / sqrt(seeds)). A difference counts "
+             "only when it is more than two standard errors from zero.\n",
+             f"| method | average | worst | domains better than {anchor} | average - {anchor} | "
+             f"worst - {anchor} | verdict (average) | steps to {anchor}'s final average |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, per_seed in results.items():
+        average = mean_std([per_seed[s]["average"] for s in seeds])
+        worst = mean_std([per_seed[s]["worst"] for s in seeds])
+        steps = [steps_to_reach(per_seed[s]["curve"], results[anchor][s]["average"]) for s in seeds]
+        steps_text = ", ".join("never" if step is None else str(step) for step in steps)
+        if method == anchor:
+            lines.append(f"| {method} | {_fmt(*average)} | {_fmt(*worst)} | - | - | - | anchor | {steps_text} |")
+            continue
+        better = mean_std([float(sum(per_seed[s]["val_loss"][d] < results[anchor][s]["val_loss"][d] for d in names))
+                           for s in seeds])
+        d_avg, d_worst = paired(results, method, anchor, "average"), paired(results, method, anchor, "worst")
+        lines.append(f"| {method} | {_fmt(*average)} | {_fmt(*worst)} | {_fmt(*better, digits=1)} of {len(names)} | "
+                     f"{_fmt(d_avg['mean'], d_avg['se'])} | {_fmt(d_worst['mean'], d_worst['se'])} | "
+                     f"{verdict(d_avg)} | {steps_text} |")
+    lines += ["", "Final sampling weights (DoReMi: alpha_bar; ADO, ODM: the average over steps, mean over seeds):\n",
+              "| domain | " + " | ".join(weights) + " |", "|---|" + "---|" * len(weights)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{weights[m][name]:.4f}" for m in weights) + " |")
+    lines.append("")
+    return lines
+
+
+def plot_curves(results: dict, path: str) -> str | None:
+    """Average validation loss against the step for every method (mean over seeds at each evaluated step)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for method, seeds in results.items():
+        steps = sorted({step for r in seeds.values() for step, _ in r["curve"]})
+        means = [statistics.fmean(v for r in seeds.values() for s, v in r["curve"] if s == step) for step in steps]
+        axis.plot(steps, means, marker="o", markersize=3, label=method)
+    axis.set_xlabel("step")
+    axis.set_ylabel("average validation loss (nats)")
+    axis.set_title("mixing methods: validation loss (mean over seeds)")
+    axis.legend()
+    figure.tight_layout()
+    with atomic_output(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=110)
+    plt.close(figure)
+    return path

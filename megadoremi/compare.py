@@ -4,8 +4,8 @@ validation-loss curves.
 
 Differences between methods are judged against seed noise: for each method, the per-seed paired difference to
 the anchor on the average and the worst-domain validation loss, their mean and standard error over seeds
-(std / sqrt(seeds)); a difference counts only when it is more than two standard errors from zero. One seed gives
-no estimate of the noise, and the report says so.
+(std / sqrt(seeds)); a difference counts only when it is at least two standard errors from zero ("better" or "worse"); otherwise, and with one
+seed (no estimate of the noise), it is "within noise".
 """
 
 import json
@@ -31,7 +31,21 @@ def run_result(run_dir: str) -> dict:
              if "val_loss_avg" in record]
     worst = max(final["val_loss"], key=final["val_loss"].get)
     return {"val_loss": final["val_loss"], "average": final["val_loss_avg"], "worst": final["val_loss_worst"],
-            "worst_domain": worst, "curve": curve}
+            "worst_domain": worst, "curve": curve, "val_set_hash": final.get("val_set_hash"),
+            "val_samples": final.get("val_samples"), "run_dir": run_dir}
+
+
+def check_same_validation(results: dict) -> None:
+    """Refuse to compare runs evaluated on different validation samples (their ``val_set_hash`` differ)."""
+    hashes = {}
+    for method, seeds in results.items():
+        for seed, result in seeds.items():
+            hashes.setdefault(result["val_set_hash"], []).append(f"{method} seed {seed} ({result['run_dir']})")
+    if len(hashes) > 1 or None in hashes:
+        groups = "; ".join(f"{h}: {', '.join(runs)}" for h, runs in hashes.items())
+        raise ValueError("the runs were evaluated on different validation samples (or record none), so their "
+                         f"losses cannot be compared: {groups}. Use the same data, split, sequence length, "
+                         "eval.seed and eval.max_samples_per_domain")
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -43,9 +57,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
-def paired(results: dict, method: str, anchor: str, key: str) -> dict:
-    """Per-seed ``method - anchor`` of ``key`` (average or worst), their mean, std and standard error."""
-    differences = [results[method][seed][key] - results[anchor][seed][key] for seed in sorted(results[anchor])]
+def paired(results: dict, method: str, anchor: str, key: str, domain: str | None = None) -> dict:
+    """Per-seed ``method - anchor`` of ``key`` (average or worst; or a domain's ``val_loss``), their mean, std and
+    standard error."""
+    def value(result):
+        return result["val_loss"][domain] if domain is not None else result[key]
+
+    differences = [value(results[method][seed]) - value(results[anchor][seed]) for seed in sorted(results[anchor])]
+    return difference_stats(differences)
+
+
+def difference_stats(differences: list[float]) -> dict:
+    """Mean, std and standard error (std / sqrt(n)) of paired differences."""
     mean, std = mean_std(differences)
     se = std / math.sqrt(len(differences)) if len(differences) > 1 else float("nan")
     return {"differences": differences, "mean": mean, "std": std, "se": se}
@@ -54,10 +77,10 @@ def paired(results: dict, method: str, anchor: str, key: str) -> dict:
 def verdict(difference: dict) -> str:
     """Plain words for a paired difference (negative = lower loss than the anchor = better)."""
     if math.isnan(difference["se"]):
-        return "one seed: no estimate of seed noise"
-    if abs(difference["mean"]) <= 2 * difference["se"]:
-        return "within seed noise"
-    return "better, beyond seed noise" if difference["mean"] < 0 else "worse, beyond seed noise"
+        return "within noise (one seed: no estimate of the noise)"
+    if abs(difference["mean"]) < 2 * difference["se"] or difference["mean"] == 0:
+        return "within noise"
+    return "better" if difference["mean"] < 0 else "worse"
 
 
 def results_lines(results: dict, anchor: str) -> list[dict]:
@@ -94,7 +117,7 @@ def render_comparison(results: dict, anchor: str, weights: dict, names: list[str
     lines = [f"## Mixing methods compared ({len(seeds)} seed(s): {', '.join(map(str, seeds))})\n",
              f"Validation loss per token (nats) of the main models, mean ± std over seeds; differences are paired with "
              f"the `{anchor}` run of the same seed, mean ± standard error (std / sqrt(seeds)). A difference counts "
-             "only when it is more than two standard errors from zero.\n",
+             "only when it is at least two standard errors from zero.\n",
              f"| method | average | worst | domains better than {anchor} | average - {anchor} | "
              f"worst - {anchor} | verdict (average) | steps to {anchor}'s final average |",
              "|---|---|---|---|---|---|---|---|"]
@@ -112,6 +135,16 @@ def render_comparison(results: dict, anchor: str, weights: dict, names: list[str
         lines.append(f"| {method} | {_fmt(*average)} | {_fmt(*worst)} | {_fmt(*better, digits=1)} of {len(names)} | "
                      f"{_fmt(d_avg['mean'], d_avg['se'])} | {_fmt(d_worst['mean'], d_worst['se'])} | "
                      f"{verdict(d_avg)} | {steps_text} |")
+    others = [m for m in results if m != anchor]
+    lines += ["", f"Per-domain paired differences to {anchor} (mean ± standard error over seeds; negative = lower "
+              "loss):\n", "| domain | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+    for name in names:
+        cells = [paired(results, m, anchor, "val_loss", domain=name) for m in others]
+        lines.append(f"| {name} | " + " | ".join(f"{c['mean']:+.4f}" + ("" if math.isnan(c["se"]) else
+                                                                      f" ± {c['se']:.4f}") for c in cells) + " |")
+    spread = mean_std([results[anchor][s]["average"] for s in seeds])[1]
+    lines += ["", f"Seed spread of the {anchor} run's average validation loss: std {spread:.4f} over {len(seeds)} "
+              "seed(s) (the same validation samples for every run).\n"]
     lines += ["", "Final sampling weights (DoReMi: alpha_bar; ADO, ODM: the average over steps, mean over seeds):\n",
               "| domain | " + " | ".join(weights) + " |", "|---|" + "---|" * len(weights)]
     for name in names:

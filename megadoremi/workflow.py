@@ -17,6 +17,7 @@ deepspeed), each skipped when its outputs are complete:
 import argparse
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -277,6 +278,10 @@ class Workflow:
                     self.launch(run_dir, {**config, "train": {**config["train"], "seed": seed}})
                 results.setdefault(method, {})[seed] = compare.run_result(run_dir)
                 run_dirs.setdefault(method, {})[seed] = run_dir
+        try:
+            compare.check_same_validation(results)
+        except ValueError as error:
+            raise WorkflowError(str(error)) from None
         evaluation = compare.averaged_eval(results)
         evaluation = {"baseline": evaluation[anchor], **({"doremi": evaluation["doremi"]} if "doremi" in evaluation
                                                          else {}), **evaluation}
@@ -287,7 +292,7 @@ class Workflow:
         compare.plot_curves(results, os.path.join(self.workdir, "validation_curves.png"))
         weights = self.final_weights(methods, run_dirs, prefixes, rounds)
         report = render_report(self.names, rounds, baseline_weights, evaluation, args, anchor=anchor,
-                               runs={m: run_dirs[m][args.seed] for m in run_dirs},
+                               runs={m: run_dirs[m][args.seed] for m in run_dirs}, results=results,
                                comparison=compare.render_comparison(results, anchor, weights, self.names)
                                if len(methods) > 2 or len(seeds) > 1 else None)
         with atomic_output(os.path.join(self.workdir, "report.md"), "w") as handle:
@@ -316,7 +321,7 @@ def summarize(losses: dict[str, float]) -> tuple[float, float, str]:
 
 
 def render_report(names, rounds, baseline_weights, evaluation, args, anchor: str = "stratified",
-                  runs: dict | None = None, comparison: list[str] | None = None) -> str:
+                  runs: dict | None = None, comparison: list[str] | None = None, results: dict | None = None) -> str:
     """report.md: weights per round, per-domain validation loss of the baseline and DoReMi main models, average
     and worst, and (``comparison``) the mixing methods side by side over seeds."""
     final = rounds[-1]["alpha_bar"]
@@ -351,25 +356,30 @@ def render_report(names, rounds, baseline_weights, evaluation, args, anchor: str
             " (the round-1 reference: with the same preset, mixture, steps and seed the baseline main model is "
             "the same training run, so it is not trained twice)" if same else "")
             + f", DoReMi `{runs['doremi']}`.\n"]
-    lines += [
-              "| domain | baseline | DoReMi | DoReMi - baseline |", "|---|---|---|---|"]
+    lines += ["| domain | baseline | DoReMi | DoReMi - baseline (paired over seeds: mean ± SE) |", "|---|---|---|---|"]
     for name in names:
-        lines.append(f"| {name} | {baseline[name]:.4f} | {doremi[name]:.4f} | {doremi[name] - baseline[name]:+.4f} |")
+        cell = compare.paired(results, "doremi", anchor, "val_loss", domain=name)
+        se = "" if math.isnan(cell["se"]) else f" ± {cell['se']:.4f}"
+        lines.append(f"| {name} | {baseline[name]:.4f} | {doremi[name]:.4f} | {cell['mean']:+.4f}{se} |")
+    average, worst = (compare.paired(results, "doremi", anchor, key) for key in ("average", "worst"))
     base_avg, base_worst, base_worst_name = summarize(baseline)
     dor_avg, dor_worst, dor_worst_name = summarize(doremi)
-    lines += [f"| **average** | {base_avg:.4f} | {dor_avg:.4f} | {dor_avg - base_avg:+.4f} |",
+    se_text = {key: "" if math.isnan(d["se"]) else f" ± {d['se']:.4f}" for key, d in (("avg", average),
+                                                                                       ("worst", worst))}
+    lines += [f"| **average** | {base_avg:.4f} | {dor_avg:.4f} | {average['mean']:+.4f}{se_text['avg']} |",
               f"| **worst** | {base_worst:.4f} ({base_worst_name}) | {dor_worst:.4f} ({dor_worst_name}) | "
-              f"{dor_worst - base_worst:+.4f} |", ""]
+              f"{worst['mean']:+.4f}{se_text['worst']} |", ""]
     better_domains = sum(doremi[n] < baseline[n] for n in names)
-    verdict_avg = "beats" if dor_avg < base_avg else "does not beat"
-    verdict_worst = "beats" if dor_worst < base_worst else "does not beat"
+    spread = compare.mean_std([results[anchor][s]["average"] for s in sorted(results[anchor])])[1]
     lines += ["## Verdict\n",
-              f"The DoReMi main model {verdict_avg} the baseline on average validation loss "
-              f"({dor_avg:.4f} vs {base_avg:.4f}) and {verdict_worst} it on the worst domain "
-              f"({dor_worst:.4f} vs {base_worst:.4f}); it is better on {better_domains} of {len(names)} domains. "
+              f"DoReMi against the baseline, paired by training seed ({args.seeds} seed(s); a difference counts at "
+              f"two standard errors): average validation loss {dor_avg:.4f} vs {base_avg:.4f}: "
+              f"**{compare.verdict(average)}**; worst domain {dor_worst:.4f} vs {base_worst:.4f}: "
+              f"**{compare.verdict(worst)}**. DoReMi is lower on {better_domains} of {len(names)} domains. "
               f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}."
-              + (" One training seed: differences smaller than the seed-to-seed spread cannot be told from noise "
-                 "(`--seeds 3` measures it)." if args.seeds == 1 else "") + "\n"]
+              + (f" Seed spread of the baseline's average: std {spread:.4f}." if args.seeds > 1 else
+                 " One training seed: differences smaller than the seed-to-seed spread cannot be told from noise "
+                 "(`--seeds 3` measures it).") + "\n"]
     return "\n".join(lines + (comparison or []))
 
 

@@ -8,6 +8,7 @@ not hidden. Weights that change every step need the sampler in ``megadoremi.data
 a blend mid-run repeats or skips data.
 """
 
+import hashlib
 import json
 import math
 import numbers
@@ -386,3 +387,17 @@ def build_domain_eval_datasets(
             is_builder=is_builder,
         )
     return eval_datasets
+
+
+def validation_set_summary(eval_datasets: Mapping[str, GPTSampleDataset], max_samples_per_domain: int
+                           ) -> tuple[dict[str, int], str]:
+    """What a run is evaluated on: ``({domain: samples}, md5 of every evaluated sample's tokens, domain by
+    domain)``. Runs whose hashes agree were evaluated on exactly the same samples."""
+    digest = hashlib.md5()
+    counts = {}
+    for name, dataset in eval_datasets.items():
+        counts[name] = min(len(dataset), int(max_samples_per_domain))
+        digest.update(f"{name}\0{counts[name]}\0".encode())
+        for index in range(counts[name]):
+            digest.update(np.ascontiguousarray(dataset[index], dtype=np.int64).tobytes())
+    return counts, digest.hexdigest()

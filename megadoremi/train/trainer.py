@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megadoremi.config import ConfigError, ExperimentConfig, save_config
 from megadoremi.data.batches import TrainBatches
-from megadoremi.data.blending import build_domain_eval_datasets
+from megadoremi.data.blending import build_domain_eval_datasets, validation_set_summary
 from megadoremi.data.mixing.outputs import TRAJECTORY_FILE as MIXING_TRAJECTORY_FILE
 from megadoremi.data.mixing.outputs import write_mixing_outputs
 from megadoremi.data.stream import build_train_stream
@@ -91,6 +91,8 @@ class Trainer:
             dict(config.data.domains), seq_length=config.train.seq_length, seed=config.eval.seed,
             split=config.data.split, split_index=1, cache_dir=config.data.cache_dir,
             max_samples_per_domain=config.eval.max_samples_per_domain)
+        self.validation_samples, self.validation_hash = validation_set_summary(
+            self.eval_datasets, config.eval.max_samples_per_domain)
         self.model_config = build_model_config(config)
         self.pipeline_loss = PipelineLoss() if self.plan.pipeline_parallel else None
         self.trained = build_engine(self.model_config, self.plan, self.ds_config, config.train, config.parallel,
@@ -211,6 +213,7 @@ class Trainer:
         record = evaluate_domains(self.trained, self.eval_datasets, self.domain_names, self.plan,
                                   config.eval.max_samples_per_domain, config.eval.batch_size, self.device,
                                   self.pipeline_loss, step)
+        record.update(val_samples=self.validation_samples, val_set_hash=self.validation_hash)
         self.metrics.eval(record)
         if record["val_loss"]:
             logger.info("eval step %d | avg %.4f | worst %.4f | %s", step, record["val_loss_avg"],

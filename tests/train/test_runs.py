@@ -67,6 +67,23 @@ def test_exact_resume_after_kill(config, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in resumed], reference, rtol=0, atol=1e-7)
 
 
+def test_validation_samples_do_not_depend_on_the_training_seed_or_mixture(config, tmp_path):
+    finals = {}
+    for name, overrides in (("a", ["--train.seed=1"]),
+                            ("b", ["--train.seed=2", "--data.weights={stdlib_code: 3, licenses: 1, arithmetic: 1, "
+                                   "boilerplate: 1, random_chars: 1}"]),
+                            ("c", ["--train.seed=1", "--eval.seed=5"])):
+        run_dir = str(tmp_path / name)
+        run_training("python", 1, config, [f"--run_dir={run_dir}", "--train.steps=1", *overrides])
+        finals[name] = json.load(open(os.path.join(run_dir, "final.json")))["eval"]
+    assert finals["a"]["val_set_hash"] == finals["b"]["val_set_hash"]
+    assert finals["a"]["val_samples"] == finals["b"]["val_samples"] == dict.fromkeys(finals["a"]["val_loss"], 8)
+    assert finals["c"]["val_set_hash"] != finals["a"]["val_set_hash"]  # another eval.seed: other samples
+    assert set(finals["a"]["val_loss_se"]) == set(finals["a"]["val_loss"]) and finals["a"]["val_loss_avg_se"] > 0
+    record = read_jsonl(os.path.join(str(tmp_path / "a"), "eval.jsonl"))[-1]
+    assert record["val_set_hash"] == finals["a"]["val_set_hash"]
+
+
 def test_incomplete_checkpoint_is_never_resumed(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "step_00000004").mkdir(parents=True)

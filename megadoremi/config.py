@@ -125,7 +125,8 @@ class ParallelConfig:
 @dataclass
 class EvalConfig:
     interval: int = 0  # steps between evaluations; 0: only at the end
-    max_samples_per_domain: int = 64
+    max_samples_per_domain: int = 4096  # every held-out sample up to this: a standard error of a domain's mean
+    # loss below 0.01 nats for a per-sample spread up to 0.64 nats (0.03-0.49 measured on the demo corpus)
     batch_size: int | None = None  # per-rank validation micro-batch; None: train.micro_batch_size (always so
     # with pipeline stages, whose engine needs fixed micro-batch shapes)
     seed: int = 1234  # orders each domain's validation samples: the validation set never depends on train.seed,

@@ -401,6 +401,16 @@ def _overhead_loops(experiment, env, plan, device, bf16, total_steps):
     return loops, [trainer]
 
 
+def _framework_loops(configs: dict, env, plan, total_steps: int):
+    """A set-up Trainer and its timed FrameworkLoop per named config; returns (loops, trainers)."""
+    trainers = {}
+    for name, config in configs.items():
+        trainers[name] = Trainer(config, env, plan)
+        trainers[name].setup()
+    loops = {name: FrameworkLoop(trainer, total_steps) for name, trainer in trainers.items()}
+    return loops, list(trainers.values())
+
+
 def _proxy_loops(bench, experiment_dict: dict, env, plan, workdir: str, total_steps: int):
     """The three Trainers of ``--mode proxy``; returns (loops, trainers).
 
@@ -429,12 +439,7 @@ def _proxy_loops(bench, experiment_dict: dict, env, plan, workdir: str, total_st
     logger.info("computing the reference-loss cache for %d steps", total_steps)
     write_reference_losses(build_stream_spec(configs["proxy_live"], plan), reference_path, cache_prefix,
                            bf16=use_bf16(configs["proxy_live"].train, torch.cuda.is_available()))
-    trainers = {}
-    for name, config in configs.items():
-        trainers[name] = Trainer(config, env, plan)
-        trainers[name].setup()
-    loops = {name: FrameworkLoop(trainer, total_steps) for name, trainer in trainers.items()}
-    return loops, list(trainers.values())
+    return _framework_loops(configs, env, plan, total_steps)
 
 
 MIXING_LOOPS = ("static", "ado", "odm")
@@ -461,12 +466,7 @@ def _mixing_loops(experiment_dict: dict, env, plan, workdir: str, total_steps: i
         "odm": config_from_dict({**experiment_dict, "run_dir": os.path.join(workdir, "run-odm"),
                                  "mixing": {**online, "method": "odm", "odm": {"smoothing": 0.5}}}),
     }
-    trainers = {}
-    for name, config in configs.items():
-        trainers[name] = Trainer(config, env, plan)
-        trainers[name].setup()
-    loops = {name: FrameworkLoop(trainer, total_steps) for name, trainer in trainers.items()}
-    return loops, list(trainers.values())
+    return _framework_loops(configs, env, plan, total_steps)
 
 
 def reference_size_fit_seconds(repeats: int = 3) -> dict:

@@ -7,6 +7,7 @@ before any process group or model exists, with the dotted field name and the val
 """
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -14,8 +15,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from megadoremi.utils.cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the field and the value."""
 
 
@@ -79,8 +82,12 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     log_interval: int = 1
     exit_interval: int = 0  # checkpoint and exit after a step divisible by this (Megatron's --exit-interval)
+    divergence_patience: int = 3  # stop (exit 3, no final.json) after this many steps in a row with a non-finite
+    # loss or gradient norm; no checkpoint is written meanwhile (fp16 loss-scale skips do not count)
 
     def validate(self) -> None:
+        if self.divergence_patience < 1:
+            raise ConfigError(f"train.divergence_patience: must be >= 1, got {self.divergence_patience}")
         if self.exit_interval < 0:
             raise ConfigError(f"train.exit_interval: must be >= 0, got {self.exit_interval}")
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_length", "log_interval"):
@@ -143,10 +150,15 @@ class EvalConfig:
 class CheckpointConfig:
     interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2
-    resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | a checkpoint directory
+    resume: str | int = "auto"  # auto (the newest sound complete checkpoint, if any) | none | a step | a directory
     export_model: bool = True  # write RUN_DIR/model.pt (consolidated weights) at the end of the run
+    verify: bool = True  # SHA-256 of every checkpoint file in its MANIFEST.json when saved, checked before resuming
+    # (false: sizes only; see docs/reliability.md for the cost)
 
     def validate(self) -> None:
+        self.resume = str(self.resume)
+        if self.resume.lstrip("-").isdigit() and int(self.resume) < 0:
+            raise ConfigError(f"checkpoint.resume: a step must be >= 0, got {self.resume}")
         if self.interval < 0:
             raise ConfigError(f"checkpoint.interval: must be >= 0, got {self.interval}")
         if self.keep_last < 1:
@@ -354,8 +366,15 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string: accept every spelling of float()
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -20,6 +20,7 @@ import numpy as np
 from megadoremi.data.blending_indices import build_blending_indices, normalize_weights
 from megadoremi.data.gpt_dataset import GPTSampleDataset, samples_per_epoch, split_document_ranges
 from megadoremi.data.indexed_dataset import IndexedDataset
+from megadoremi.utils.cli import UserError
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -29,6 +30,10 @@ _NESTED_WEIGHT_KEYS = ("domain_weights", "train_domain_weights")  # also read of
 
 
 # --------------------------------------------------------------------------------------------- weights
+
+
+class WeightsError(UserError, ValueError):
+    """Domain weights (a file, mapping or list) that cannot be used; the message names the file, domain and value."""
 
 
 def _reject_duplicate_keys(pairs):
@@ -44,15 +49,15 @@ def _read_weights_file(path: str) -> dict:
         with open(path) as handle:
             text = handle.read()
     except OSError as error:
-        raise ValueError(f"domain weights file {path}: cannot read it ({error.strerror or error})") from None
+        raise WeightsError(f"domain weights file {path}: cannot read it ({error.strerror or error})") from None
     try:
         data = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as error:
-        raise ValueError(f"domain weights file {path}: not valid JSON ({error})") from None
+        raise WeightsError(f"domain weights file {path}: not valid JSON ({error})") from None
     except ValueError as error:
-        raise ValueError(f"domain weights file {path}: {error}") from None
+        raise WeightsError(f"domain weights file {path}: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(
+        raise WeightsError(
             f'domain weights file {path}: expected a JSON object {{"domain name": weight, ...}}, '
             f"got {type(data).__name__}"
         )
@@ -72,15 +77,15 @@ def load_domain_weights(source, domain_names: Sequence[str]) -> np.ndarray:
     ``source`` is a path to a JSON file ``{"domain name": weight, ...}`` (as DoReMi writes; an object nested
     under ``"domain_weights"`` or ``"train_domain_weights"`` is also read), a mapping of the same form, or a
     sequence aligned with ``domain_names``. Every domain needs a weight and the source may name no other;
-    weights must be finite, non-negative numbers, not all zero. Any violation raises one ``ValueError``
+    weights must be finite, non-negative numbers, not all zero. Any violation raises one ``WeightsError``
     naming the source, each offending domain and its value.
     """
     domain_names = [str(name) for name in domain_names]
     if len(set(domain_names)) != len(domain_names):
         duplicates = sorted({name for name in domain_names if domain_names.count(name) > 1})
-        raise ValueError(f"domain names must be unique, got duplicates {duplicates}")
+        raise WeightsError(f"domain names must be unique, got duplicates {duplicates}")
     if not domain_names:
-        raise ValueError("no domains given")
+        raise WeightsError("no domains given")
 
     if isinstance(source, (str, os.PathLike)):
         where = f"domain weights file {os.fspath(source)}"
@@ -91,7 +96,7 @@ def load_domain_weights(source, domain_names: Sequence[str]) -> np.ndarray:
         values = list(np.asarray(source, dtype=object).reshape(-1)) if isinstance(source, np.ndarray) else list(source)
         where = "domain weights"
         if len(values) != len(domain_names):
-            raise ValueError(
+            raise WeightsError(
                 f"{where}: {len(values)} weights given for {len(domain_names)} domains {domain_names}"
             )
         by_name = dict(zip(domain_names, values))
@@ -119,7 +124,7 @@ def load_domain_weights(source, domain_names: Sequence[str]) -> np.ndarray:
     if not problems and weights.sum() <= 0:
         problems.append(f"all weights are zero ({dict(zip(domain_names, weights.tolist()))})")
     if problems:
-        raise ValueError(f"{where}: " + "; ".join(problems))
+        raise WeightsError(f"{where}: " + "; ".join(problems))
     return normalize_weights(weights)
 
 

@@ -28,10 +28,17 @@ import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 
+from megadoremi.data.output_files import remove_stale_temporaries, writing
+from megadoremi.utils.cli import UserError
 from megadoremi.utils.fs import atomic_output
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
+
+
+class DemoCorpusError(UserError, ValueError):
+    """A demo corpus setting that cannot be honoured; the message names it and the value."""
+
 
 DOMAINS = ("stdlib_code", "stdlib_docs", "licenses", "arithmetic", "boilerplate", "random_chars")
 DEFAULT_TARGET_BYTES_PER_DOMAIN = 750_000
@@ -68,15 +75,17 @@ def make_demo_corpus(
     domains = list(DOMAINS if domains is None else domains)
     unknown = sorted(set(domains) - set(DOMAINS))
     if unknown:
-        raise ValueError(f"unknown demo corpus domain(s) {unknown}; choose from {list(DOMAINS)}")
+        raise DemoCorpusError(f"unknown demo corpus domain(s) {unknown}; choose from {list(DOMAINS)}")
     if not domains:
-        raise ValueError("no demo corpus domains selected")
+        raise DemoCorpusError("no demo corpus domains selected")
     if docs_per_domain is None and target_bytes_per_domain <= 0:
-        raise ValueError(f"target_bytes_per_domain must be > 0, got {target_bytes_per_domain}")
+        raise DemoCorpusError(f"target_bytes_per_domain must be > 0, got {target_bytes_per_domain}")
     if docs_per_domain is not None and docs_per_domain <= 0:
-        raise ValueError(f"docs_per_domain must be > 0, got {docs_per_domain}")
+        raise DemoCorpusError(f"docs_per_domain must be > 0, got {docs_per_domain}")
 
-    os.makedirs(outdir, exist_ok=True)
+    with writing(outdir):
+        os.makedirs(outdir, exist_ok=True)
+    remove_stale_temporaries(outdir, [f"{domain}.jsonl" for domain in domains])
     sources = _StdlibSources()
     generators: dict[str, Callable[[random.Random], Iterator[str]]] = {
         "stdlib_code": lambda rng: _shuffled(_stdlib_code_docs(sources.modules()), rng),
@@ -119,7 +128,7 @@ def _take(docs: Iterator[str], target_bytes: int, max_docs: int | None) -> list[
 def _write_jsonl(path: str, docs: list[str]) -> int:
     """Write ``{"text": doc}`` lines atomically; returns the number of bytes written."""
     num_bytes = 0
-    with atomic_output(path, "wb") as handle:
+    with writing(path), atomic_output(path, "wb") as handle:
         for doc in docs:
             # ensure_ascii=False keeps real UTF-8; U+2028/U+2029 stay escaped so no reader sees a line break.
             line = json.dumps({"text": doc}, ensure_ascii=False)

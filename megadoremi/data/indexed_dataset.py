@@ -7,13 +7,16 @@ document index (int64, D; starts at 0, ends at S). The bytes are identical to wh
 ``IndexedDatasetBuilder`` writes, and megatron-core reads ours (checked in tests/test_indexed_dataset.py).
 """
 
+import contextlib
 import os
 import shutil
 import struct
 
 import numpy as np
 
-from megadoremi.utils.fs import remove_quietly, temp_path_for
+from megadoremi.data.output_files import host_temp_path, remove_stale_temporaries, writing
+from megadoremi.utils.cli import UserError
+from megadoremi.utils.fs import remove_quietly
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 TNT_MAGIC = b"TNTIDX\x00\x00"
@@ -32,12 +35,13 @@ DTYPE_BY_CODE = {
 }
 CODE_BY_DTYPE = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
 
-# Entries of the lengths / document arrays buffered in memory before they spill to disk.
+# Entries of the lengths / document arrays buffered in memory before they spill to disk (P.idx + suffix).
 _SPILL_ENTRIES = 1 << 20
+_LENGTHS_SPILL, _DOCS_SPILL = ".lengths", ".docs"
 _COPY_CHUNK_BYTES = 64 << 20
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(UserError, ValueError):
     """A dataset file is missing, malformed or inconsistent; the message names the file."""
 
 
@@ -75,6 +79,8 @@ def read_index_header(idx_path: str) -> tuple[np.dtype, int, int]:
             header = handle.read(HEADER_SIZE)
     except FileNotFoundError:
         raise IndexedDatasetError(f"{idx_path}: index file not found") from None
+    except OSError as error:  # a directory, no permission
+        raise IndexedDatasetError(f"{idx_path}: cannot read the index file ({error.strerror or error})") from None
     if header[: len(TNT_MAGIC)] == TNT_MAGIC:
         raise IndexedDatasetError(
             f"{idx_path}: TNTIDX index (the old 'lazy'/'cached' fairseq format) is not supported; "
@@ -270,7 +276,8 @@ class _SpillArray:
 
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            with contextlib.suppress(OSError):  # a full disk fails the final flush; the file goes anyway
+                self._handle.close()
             self._handle = None
         remove_quietly(self.spill_path)
 
@@ -278,9 +285,11 @@ class _SpillArray:
 class IndexedDatasetWriter:
     """Streaming writer of ``P.bin`` / ``P.idx``: memory stays bounded whatever the number of documents.
 
-    Everything is written under temporary names in the output directory; ``finalize()`` writes the index and
-    renames both files into place (the ``.idx`` last), ``abort()`` (or an exception inside ``with``) deletes
-    them. A crash therefore never leaves a complete-looking pair.
+    Everything is written under temporary names in the output directory (tagged with the pid and host, see
+    ``megadoremi.data.output_files``); ``finalize()`` writes the index and renames both files into place (the
+    ``.idx`` last), ``abort()`` (or an exception inside ``with``) deletes them. A crash therefore never leaves a
+    complete-looking pair, and ``remove_stale_temporaries`` deletes what a killed writer left. A full disk (or
+    quota, or permissions) raises an OutputWriteError naming the output file.
     """
 
     def __init__(self, path_prefix: str, dtype=np.uint16):
@@ -288,16 +297,24 @@ class IndexedDatasetWriter:
         self.dtype = _check_dtype(dtype)
         self._info = np.iinfo(self.dtype)
         directory = os.path.dirname(os.path.abspath(self.path_prefix))
-        os.makedirs(directory, exist_ok=True)
         self._bin_path = data_file_path(self.path_prefix)
         self._idx_path = index_file_path(self.path_prefix)
-        self._bin_tmp = temp_path_for(self._bin_path)
-        self._idx_tmp = temp_path_for(self._idx_path)
-        self._bin = open(self._bin_tmp, "wb")
-        self._lengths = _SpillArray(np.int32, temp_path_for(self._idx_path + ".lengths"))
-        self._doc_ends = _SpillArray(np.int64, temp_path_for(self._idx_path + ".docs"))
+        self._bin_tmp = host_temp_path(self._bin_path)
+        self._idx_tmp = host_temp_path(self._idx_path)
+        with writing(self._bin_path):
+            os.makedirs(directory, exist_ok=True)
+            self._bin = open(self._bin_tmp, "wb")
+        self._lengths = _SpillArray(np.int32, host_temp_path(self._idx_path + _LENGTHS_SPILL))
+        self._doc_ends = _SpillArray(np.int64, host_temp_path(self._idx_path + _DOCS_SPILL))
         self.num_tokens = 0
         self._closed = False
+
+    @staticmethod
+    def remove_stale_temporaries(path_prefix: str) -> int:
+        """Delete the temporaries of ``path_prefix``'s files left by writers that were killed; returns bytes freed."""
+        directory, base = os.path.split(os.path.abspath(path_prefix))
+        names = [f"{base}.bin", f"{base}.idx", f"{base}.idx{_LENGTHS_SPILL}", f"{base}.idx{_DOCS_SPILL}"]
+        return remove_stale_temporaries(directory, names)
 
     @property
     def num_sequences(self) -> int:
@@ -363,10 +380,12 @@ class IndexedDatasetWriter:
         if lengths.size and (lengths.min() < 0 or lengths.max() > np.iinfo(np.int32).max):
             raise IndexedDatasetError(f"{self.path_prefix}: sequence length out of int32 range")
         base = self.num_sequences
-        self._bin.write(tokens.tobytes())
+        with writing(self._bin_path):
+            self._bin.write(tokens.tobytes())
         self.num_tokens += int(tokens.size)
-        self._lengths.extend(lengths)
-        self._doc_ends.extend(relative_doc_ends + base)
+        with writing(self._idx_path):
+            self._lengths.extend(lengths)
+            self._doc_ends.extend(relative_doc_ends + base)
 
     def add_index(self, path_prefix: str) -> None:
         """Append every sequence and document of another dataset (same dtype), streaming its files."""
@@ -378,15 +397,16 @@ class IndexedDatasetWriter:
         if self._closed:
             raise IndexedDatasetError(f"{self.path_prefix}: writer is already finalized or aborted")
         base = self.num_sequences
-        with open(data_file_path(path_prefix), "rb") as source:
+        with open(data_file_path(path_prefix), "rb") as source, writing(self._bin_path):
             shutil.copyfileobj(source, self._bin, _COPY_CHUNK_BYTES)
         self.num_tokens += other.num_tokens
-        for start in range(0, len(other), _SPILL_ENTRIES):
-            self._lengths.extend(other.sequence_lengths[start:start + _SPILL_ENTRIES])
-        # The merge must extend the document index: skip the other's leading 0, shift by our sequence count.
-        other_docs = other.document_indices[1:]
-        for start in range(0, other_docs.size, _SPILL_ENTRIES):
-            self._doc_ends.extend(other_docs[start:start + _SPILL_ENTRIES] + base)
+        with writing(self._idx_path):
+            for start in range(0, len(other), _SPILL_ENTRIES):
+                self._lengths.extend(other.sequence_lengths[start:start + _SPILL_ENTRIES])
+            # The merge must extend the document index: skip the other's leading 0, shift by our sequence count.
+            other_docs = other.document_indices[1:]
+            for start in range(0, other_docs.size, _SPILL_ENTRIES):
+                self._doc_ends.extend(other_docs[start:start + _SPILL_ENTRIES] + base)
 
     def _write_index(self) -> None:
         itemsize = self.dtype.itemsize
@@ -418,15 +438,19 @@ class IndexedDatasetWriter:
         if self._closed:
             raise IndexedDatasetError(f"{self.path_prefix}: writer is already finalized or aborted")
         try:
-            self._bin.flush()
-            os.fsync(self._bin.fileno())
-            self._bin.close()
-            self._write_index()
-            # Remove a previous index first: a crash between the two renames leaves a .bin without .idx,
-            # never an old .idx next to a new .bin.
-            remove_quietly(self._idx_path)
-            os.replace(self._bin_tmp, self._bin_path)
-            os.replace(self._idx_tmp, self._idx_path)
+            with writing(self._bin_path):
+                self._bin.flush()
+                os.fsync(self._bin.fileno())
+                self._bin.close()
+            with writing(self._idx_path):
+                self._write_index()
+                # Remove a previous index first: a crash between the two renames leaves a .bin without .idx,
+                # never an old .idx next to a new .bin.
+                remove_quietly(self._idx_path)
+            with writing(self._bin_path):
+                os.replace(self._bin_tmp, self._bin_path)
+            with writing(self._idx_path):
+                os.replace(self._idx_tmp, self._idx_path)
         except BaseException:
             self.abort()
             raise
@@ -435,7 +459,8 @@ class IndexedDatasetWriter:
     def abort(self) -> None:
         """Discard everything written so far."""
         if not self._bin.closed:
-            self._bin.close()
+            with contextlib.suppress(OSError):  # a full disk fails the final flush; the file goes anyway
+                self._bin.close()
         remove_quietly(self._bin_tmp)
         remove_quietly(self._idx_tmp)
         self._cleanup()

@@ -9,6 +9,10 @@ the same documents. Deliberate differences from Megatron:
 - Bad lines (malformed JSON, a missing key, a non-string value, invalid UTF-8, a string with lone surrogates)
   are skipped, counted and reported as ``file:line: reason``; ``strict`` turns the first one into an error.
   Blank lines are skipped silently (counted). A file with no non-blank line is reported as an empty file.
+- An input file that yields no document (for some JSON key) stops the run with an error naming it: an empty
+  file, a binary file or one of the wrong format is a mistake, not a dataset (``allow_empty`` accepts it).
+- A killed run's temporaries on the same output prefix are deleted by the next run (``remove_stale_temporaries``),
+  and a full disk is an error naming the output (``megadoremi.data.output_files``).
 - Memory is bounded whatever the corpus size: input is read in chunks of whole lines (``chunk_bytes``), at most
   ``2 * workers + 2`` chunks are in flight, and the writer spills its index arrays to disk.
 - The output bytes do not depend on the number of workers (nor, see ``preprocess_mpi``, on the number of ranks).
@@ -41,6 +45,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from megadoremi.data.indexed_dataset import IndexedDatasetWriter, best_dtype
+from megadoremi.data.output_files import remove_stale_temporaries as remove_stale_files
+from megadoremi.utils.cli import UserError
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -68,11 +74,19 @@ EMPTY_DOCUMENT = "empty_document"
 
 
 class PreprocessError(Exception):
-    """Preprocessing cannot go on (bad configuration, a missing input, or bad input under ``strict``)."""
+    """Preprocessing cannot go on: its input (the subclasses below) or its environment (a worker died)."""
 
 
-class BadInputError(PreprocessError):
+class PreprocessInputError(PreprocessError, UserError):
+    """A mistake in what the user gave (configuration, input files, tokenizer); the message names it."""
+
+
+class BadInputError(PreprocessInputError):
     """Bad input under ``strict``; the message is ``file:line: reason``."""
+
+
+class EmptyInputError(PreprocessInputError):
+    """An input file that yields no document (without ``allow_empty``); the message names it and says why."""
 
 
 @dataclasses.dataclass
@@ -86,6 +100,7 @@ class PreprocessConfig:
     append_eod: bool = False
     workers: int = 1
     strict: bool = False
+    allow_empty: bool = False  # accept an input file that yields no document (else it is an error naming it)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     log_interval_s: float | None = 30.0
     log_interval_docs: int | None = None
@@ -95,9 +110,9 @@ class PreprocessConfig:
     progress_bar: bool | None = None  # None: a tqdm bar when stderr is a terminal, else log lines
 
     def validate(self) -> None:
-        """Raise PreprocessError naming the first bad field."""
+        """Raise PreprocessInputError naming the first bad field."""
         def fail(field, value, why):
-            raise PreprocessError(f"preprocess config: {field}={value!r}: {why}")
+            raise PreprocessInputError(f"preprocess config: {field}={value!r}: {why}")
 
         if not self.inputs:
             fail("inputs", self.inputs, "give at least one input file or glob")
@@ -155,14 +170,14 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
         else:
             paths = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
             if not paths:
-                raise PreprocessError(f"{pattern}: no input file matches this pattern")
+                raise PreprocessInputError(f"{pattern}: no input file matches this pattern")
         for path in paths:
             if not os.path.exists(path):
-                raise PreprocessError(f"{path}: input file not found")
+                raise PreprocessInputError(f"{path}: input file not found")
             if not os.path.isfile(path):
-                raise PreprocessError(f"{path}: input is not a regular file")
+                raise PreprocessInputError(f"{path}: input is not a regular file")
             if not os.access(path, os.R_OK):
-                raise PreprocessError(f"{path}: input file is not readable")
+                raise PreprocessInputError(f"{path}: input file is not readable")
             files.append(InputFile(path, os.path.getsize(path), path.endswith(".gz")))
     return files
 
@@ -220,6 +235,8 @@ def iter_jobs(files: list[InputFile], ranges: list[InputRange], first_lines: lis
         except (EOFError, zlib.error, gzip.BadGzipFile) as error:
             detail = str(error) or type(error).__name__
             yield FileIssue(rng.file_index, line, CORRUPT_GZIP, f"corrupt gzip stream, rest of file skipped ({detail})")
+        except OSError as error:  # vanished or became unreadable since it was resolved, or an I/O error
+            raise PreprocessInputError(f"{f.path}: cannot read it ({error.strerror or error})") from error
         yield FileEnd(rng.file_index, whole)
 
 
@@ -443,8 +460,10 @@ class PreprocessStats:
     tokens: Counter = dataclasses.field(default_factory=Counter)  # key -> tokens written
     skipped: Counter = dataclasses.field(default_factory=Counter)  # reason -> lines (or files, or documents)
     seconds: float = 0.0
-    # Non-blank lines seen in files this share holds only part of (their emptiness is decided after a reduction).
+    # Non-blank lines (file index -> count) and documents ((file index, key index) -> count) seen in files this
+    # share holds only part of: whether they are empty is decided after a reduction over the shares.
     partial_nonblank: Counter = dataclasses.field(default_factory=Counter)
+    partial_docs: Counter = dataclasses.field(default_factory=Counter)
 
     @property
     def num_docs(self) -> int:
@@ -463,6 +482,7 @@ class PreprocessStats:
         self.tokens.update(other.tokens)
         self.skipped.update(other.skipped)
         self.partial_nonblank.update(other.partial_nonblank)
+        self.partial_docs.update(other.partial_docs)
         self.seconds = max(self.seconds, other.seconds)
 
     def summary(self) -> str:
@@ -498,6 +518,24 @@ class IssueReporter:
 def empty_file_detail(f: InputFile) -> str:
     """The reason text for a file without documents."""
     return "empty file (0 bytes)" if f.size == 0 else "empty file (only blank lines, no documents)"
+
+
+def empty_input_message(f: InputFile, empty_keys: list[str], json_keys: list[str], num_lines: int | None = None,
+                        skipped: Counter | None = None, num_nonblank: int | None = None) -> str:
+    """Why ``f`` stops the run: no document for ``empty_keys``, with what its lines were when known (``num_lines``
+    and ``skipped``; a file split across ranks only knows ``num_nonblank``)."""
+    what = "no documents" if len(empty_keys) == len(json_keys) else \
+        f"no documents for key(s) {', '.join(map(repr, empty_keys))}"
+    if f.size == 0:
+        why = "the file is empty"
+    elif num_lines is None:
+        why = f"{num_nonblank or 0:,} non-blank line(s), every one skipped or empty; see the warnings above"
+    else:
+        reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted((skipped or {}).items()) if count)
+        why = f"{num_lines:,} line(s), skipped: {reasons or 'none'}"
+        if skipped and skipped[INVALID_UTF8] + skipped[MALFORMED_JSON] >= max(num_lines // 2, 1):
+            why += "; is it a jsonl file?"
+    return f"{f.path}: {what} ({why}); pass --allow-empty to accept an input without documents"
 
 
 class Progress:
@@ -560,40 +598,63 @@ def tokenize_ranges(files: list[InputFile], ranges: list[InputRange], first_line
     """Tokenize ``ranges`` in order into ``sinks`` (one per JSON key, anything with ``add_documents``).
 
     ``first_lines[i]`` is the line number of the first line of ``ranges[i]``. ``poll`` is called after every
-    chunk (the distributed driver uses it to stop early when another rank failed).
+    chunk (the distributed driver uses it to stop early when another rank failed). A whole file that yields no
+    document for a key raises EmptyInputError as soon as it is read, unless ``config.allow_empty``; for a file
+    read only in part, its counts go to ``partial_nonblank`` / ``partial_docs`` for the caller to decide.
     """
     started = time.perf_counter()
-    stats = PreprocessStats(list(config.json_keys), num_files=sum(1 for r in ranges if r.start == 0))
+    keys = list(config.json_keys)
+    stats = PreprocessStats(keys, num_files=sum(1 for r in ranges if r.start == 0))
     nonblank_by_file: Counter = Counter()
+    lines_by_file: Counter = Counter()
+    docs_by_file: dict[int, Counter] = {}  # file index -> key index -> documents
+    skipped_by_file: dict[int, Counter] = {}  # file index -> reason -> lines
     broken_files: set[int] = set()  # corrupt gzip: reported once as such, not also as empty
 
     def consume(job, result: ChunkResult | None) -> None:
+        index = job.file_index
         if isinstance(job, Chunk):
             for line, reason, detail in result.issues:
-                reporter.report(job.file_index, line, reason, detail)
+                reporter.report(index, line, reason, detail)
             num_docs = num_tokens = 0
-            for key, sink, tokens, lengths in zip(config.json_keys, sinks, result.tokens, result.lengths):
+            file_docs = docs_by_file.setdefault(index, Counter())
+            for k, (key, sink, tokens, lengths) in enumerate(zip(keys, sinks, result.tokens, result.lengths)):
                 if lengths.size:
                     sink.add_documents(tokens, lengths)
                 stats.docs[key] += int(lengths.size)
                 stats.tokens[key] += int(tokens.size)
+                file_docs[k] += int(lengths.size)
                 num_docs += int(lengths.size)
                 num_tokens += int(tokens.size)
             stats.num_lines += result.num_lines
             stats.num_bytes += result.num_bytes
             stats.skipped.update(result.skipped)
-            nonblank_by_file[job.file_index] += result.num_nonblank
+            skipped_by_file.setdefault(index, Counter()).update(result.skipped)
+            nonblank_by_file[index] += result.num_nonblank
+            lines_by_file[index] += result.num_lines
             progress.update(num_docs, num_tokens, result.num_bytes, job.disk_bytes)
         elif isinstance(job, FileIssue):
             stats.skipped[job.reason] += 1
-            broken_files.add(job.file_index)
-            reporter.report(job.file_index, job.line, job.reason, job.detail)
+            skipped_by_file.setdefault(index, Counter())[job.reason] += 1
+            broken_files.add(index)
+            reporter.report(index, job.line, job.reason, job.detail)
         elif isinstance(job, FileEnd):
+            file_docs = docs_by_file.get(index, Counter())
             if not job.whole:
-                stats.partial_nonblank[job.file_index] += nonblank_by_file[job.file_index]
-            elif nonblank_by_file[job.file_index] == 0 and job.file_index not in broken_files:
-                stats.skipped[EMPTY_FILE] += 1
-                reporter.report(job.file_index, 1, EMPTY_FILE, empty_file_detail(files[job.file_index]))
+                stats.partial_nonblank[index] += nonblank_by_file[index]
+                for k in range(len(keys)):
+                    stats.partial_docs[index, k] += file_docs[k]
+            else:
+                no_lines = nonblank_by_file[index] == 0 and index not in broken_files
+                if no_lines:
+                    stats.skipped[EMPTY_FILE] += 1
+                empty_keys = [key for k, key in enumerate(keys) if file_docs[k] == 0]
+                fatal = bool(empty_keys) and not config.allow_empty
+                if no_lines and (config.strict or not fatal):  # a warning, or strict's file:1: error
+                    reporter.report(index, 1, EMPTY_FILE, empty_file_detail(files[index]))
+                if fatal:
+                    raise EmptyInputError(empty_input_message(files[index], empty_keys, keys, lines_by_file[index],
+                                                              skipped_by_file.get(index)))
         if poll is not None:
             poll()
 
@@ -654,13 +715,30 @@ def _wait(pool, pending, worker_pids: set[int]) -> ChunkResult | None:
 
 
 def load_tokenizer(model_path: str):
-    """The Tokenizer, with loading problems as PreprocessError."""
+    """The Tokenizer, with loading problems as PreprocessInputError."""
     from megadoremi.data.tokenizer import Tokenizer
 
     try:
         return Tokenizer(model_path)
     except (OSError, ValueError) as error:
-        raise PreprocessError(f"--tokenizer-model: {error}") from None
+        raise PreprocessInputError(f"--tokenizer-model: {error}") from None
+
+
+def part_root(config: PreprocessConfig) -> str:
+    """Where distributed ranks other than 0 put their part directories: --tmp-dir, $TMPDIR, else the output's
+    directory."""
+    return config.tmp_dir or os.environ.get("TMPDIR") or os.path.dirname(os.path.abspath(config.output_prefix))
+
+
+def remove_stale_temporaries(config: PreprocessConfig, outputs: bool = True) -> int:
+    """Delete what killed runs on this output prefix left behind (whose process is gone from this host): the
+    outputs' temporary files (``outputs``) and ranks' part directories. Returns the bytes freed."""
+    freed = 0
+    if outputs:
+        for key in config.json_keys:
+            freed += IndexedDatasetWriter.remove_stale_temporaries(config.output_prefix_for(key))
+    freed += remove_stale_files(part_root(config), [os.path.basename(config.output_prefix)])
+    return freed
 
 
 def run_single(config: PreprocessConfig, start_method: str | None = None) -> PreprocessStats:
@@ -674,6 +752,7 @@ def run_single(config: PreprocessConfig, start_method: str | None = None) -> Pre
                 tokenizer.vocab_size, dtype)
     progress = Progress(sum(f.size for f in files), config.progress_bar, config.log_interval_s,
                         config.log_interval_docs)
+    remove_stale_temporaries(config)
     writers: list[IndexedDatasetWriter] = []
     try:
         for key in config.json_keys:
@@ -701,4 +780,8 @@ def log_summary(stats: PreprocessStats, config: PreprocessConfig) -> None:
                        f"{bad:,}", ", ".join(f"{reason} {count:,}" for reason, count in sorted(stats.skipped.items())
                                             if reason in BAD_INPUT_REASONS))
     for key in config.json_keys:
-        logger.info("wrote %s.bin/.idx", config.output_prefix_for(key))
+        if stats.docs[key] == 0:
+            logger.warning("wrote %s.bin/.idx with 0 documents (allowed by --allow-empty)",
+                           config.output_prefix_for(key))
+        else:
+            logger.info("wrote %s.bin/.idx", config.output_prefix_for(key))

@@ -33,12 +33,12 @@ import contextlib
 import os
 import shutil
 import signal
-import tempfile
 import time
 
 import numpy as np
 
 from megadoremi.data.indexed_dataset import IndexedDatasetWriter, best_dtype
+from megadoremi.data.output_files import make_host_temp_dir, writing
 from megadoremi.data.preprocess import (
     EMPTY_FILE,
     InputFile,
@@ -46,16 +46,20 @@ from megadoremi.data.preprocess import (
     IssueReporter,
     PreprocessConfig,
     PreprocessError,
+    PreprocessInputError,
     PreprocessStats,
     Progress,
     empty_file_detail,
+    empty_input_message,
     load_tokenizer,
     log_summary,
+    part_root,
+    remove_stale_temporaries,
     resolve_inputs,
     run_single,
     tokenize_ranges,
 )
-from megadoremi.utils.fs import temp_path_for
+from megadoremi.utils.cli import UserError
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -74,6 +78,14 @@ class DistributedRunError(PreprocessError):
     def __init__(self, message: str, quiet: bool = False):
         super().__init__(message)
         self.quiet = quiet
+
+
+class DistributedInputError(DistributedRunError, UserError):
+    """The distributed run failed because of the user's input (on some rank): every rank exits 2."""
+
+
+def _run_error(message: str, quiet: bool, user: bool) -> DistributedRunError:
+    return (DistributedInputError if user else DistributedRunError)(message, quiet=quiet)
 
 
 class _PeerFailed(Exception):
@@ -114,7 +126,7 @@ def get_world_comm(mode: str):
     try:
         from mpi4py import MPI
     except ImportError:
-        raise PreprocessError(
+        raise PreprocessInputError(
             f"this looks like an MPI/srun launch ({hint}) but mpi4py is not installed: install it "
             "(pip install mpi4py) or pass --distributed off (every task would then write the same output)"
             if hint else "--distributed mpi needs mpi4py (pip install mpi4py)"
@@ -126,7 +138,7 @@ def get_world_comm(mode: str):
     if hint is not None and comm.Get_size() == 1 and "=" in hint and _as_int(hint.split("=", 1)[1]) > 1 \
             and not single_by_mpi:
         # Every task would be its own world of 1 and write the same outputs to the same paths.
-        raise PreprocessError(
+        raise PreprocessInputError(
             f"launched as one of several tasks ({hint}) but MPI sees a world of 1: the launcher gives MPI no "
             "working process-management interface (with srun and pip's MPICH use srun --mpi=pmi2; or run "
             "under mpiexec), or pass --distributed off and launch a single task"
@@ -193,17 +205,23 @@ class PartWriter:
         self.dtype = np.dtype(dtype)
         self.tokens_path = os.path.join(directory, f"{name}.tokens")
         self.lengths_path = os.path.join(directory, f"{name}.lengths")
-        self._tokens = open(self.tokens_path, "wb")
-        self._lengths = open(self.lengths_path, "wb")
+        with writing(self.tokens_path):
+            self._tokens = open(self.tokens_path, "wb")
+        with writing(self.lengths_path):
+            self._lengths = open(self.lengths_path, "wb")
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append single-sequence documents: ``tokens`` concatenated, ``lengths`` one per document."""
-        self._tokens.write(np.asarray(tokens, self.dtype).tobytes())
-        self._lengths.write(np.asarray(lengths, np.int32).tobytes())
+        with writing(self.tokens_path):
+            self._tokens.write(np.asarray(tokens, self.dtype).tobytes())
+        with writing(self.lengths_path):
+            self._lengths.write(np.asarray(lengths, np.int32).tobytes())
 
     def close(self) -> None:
-        self._tokens.close()
-        self._lengths.close()
+        with writing(self.tokens_path):
+            self._tokens.close()
+        with writing(self.lengths_path):
+            self._lengths.close()
 
     def iter_chunks(self, max_tokens: int):
         """(tokens, lengths) of consecutive documents, at most ``max_tokens`` tokens (or one document) each."""
@@ -331,10 +349,10 @@ class _DistributedRun:
                     error = str(failure)
             files, error = comm.bcast((files, error), root=0)
             if error:
-                raise DistributedRunError(error, quiet=rank != 0)
+                raise DistributedInputError(error, quiet=rank != 0)
             self.files = files
 
-            stats, error = None, None
+            stats, error, user_error = None, None, False
             try:
                 ranges, first_lines = self._set_up()
                 with signals.allowed():
@@ -345,13 +363,13 @@ class _DistributedRun:
                 interrupt, error = caught, "interrupted"
                 self._notify_abort()
             except (PreprocessError, OSError, ValueError) as failure:
-                error = str(failure)
+                error, user_error = str(failure), isinstance(failure, UserError)
             except Exception as failure:
                 logger.exception("rank %d failed", rank)
                 error = f"{type(failure).__name__}: {failure}"
                 self._notify_abort()
             try:
-                stats = self._agree(stats, error)
+                stats = self._agree(stats, error, user_error)
                 self._merge(signals)
             except DistributedRunError:
                 # An interrupted rank exits as interrupted (130/143); the others as failed.
@@ -380,6 +398,8 @@ class _DistributedRun:
         try:
             self.tokenizer = load_tokenizer(self.config.tokenizer_model)
             self.dtype = best_dtype(self.tokenizer.vocab_size)
+            # Rank 0 sweeps the outputs' directory; every rank its own part root (node-local or shared).
+            remove_stale_temporaries(self.config, outputs=rank == 0)
             # Lines of the file this rank shares with the next ranks, for their line numbers.
             if ranges:
                 last = ranges[-1]
@@ -409,11 +429,9 @@ class _DistributedRun:
         return ranges, first_lines
 
     def _make_tmp_dir(self) -> str:
-        root = self.config.tmp_dir or os.environ.get("TMPDIR") or \
-            os.path.dirname(os.path.abspath(self.config.output_prefix))
-        os.makedirs(root, exist_ok=True)
-        name = os.path.basename(temp_path_for(os.path.join(root, os.path.basename(self.config.output_prefix))))
-        return tempfile.mkdtemp(prefix=f"{name}-rank{self.rank}-", dir=root)
+        root = part_root(self.config)
+        with writing(root):
+            return make_host_temp_dir(root, os.path.basename(self.config.output_prefix), f"rank{self.rank}")
 
     def _tokenize(self, ranges: list[InputRange], first_lines: list[int]) -> PreprocessStats:
         config, rank = self.config, self.rank
@@ -451,43 +469,56 @@ class _DistributedRun:
             self.aborts_received.add(self.comm.recv(source=status.Get_source(), tag=_TAG_ABORT))
             raise _PeerFailed()
 
-    def _agree(self, stats: PreprocessStats | None, error: str | None) -> PreprocessStats:
+    def _agree(self, stats: PreprocessStats | None, error: str | None, user_error: bool) -> PreprocessStats:
         """Collective: the same success/failure decision everywhere, totals on rank 0, empty split files."""
         comm, rank, config = self.comm, self.rank, self.config
-        num_files = len(self.files)
-        vector = np.zeros(num_files + 1, np.int64)
+        num_files, num_keys = len(self.files), len(config.json_keys)
+        # [failed, non-blank lines per file, documents per (file, key)]: counts only for files split across ranks.
+        vector = np.zeros(1 + num_files + num_files * num_keys, np.int64)
         vector[0] = error is not None
         if stats is not None:
             for file_index, count in stats.partial_nonblank.items():
                 vector[1 + file_index] = count
+            for (file_index, key_index), count in stats.partial_docs.items():
+                vector[1 + num_files + file_index * num_keys + key_index] = count
         total = np.zeros_like(vector)
         comm.Allreduce(vector, total, op=self.MPI.SUM)
-        errors = comm.allgather((error, bool(self.abort_requests)))
+        errors = comm.allgather((error, bool(self.abort_requests), user_error))
         # Drain the abort messages still in flight, so none is left unmatched.
-        for peer, (_, sent) in enumerate(errors):
+        for peer, (_, sent, _) in enumerate(errors):
             if sent and peer != rank and peer not in self.aborts_received:
                 self.aborts_received.add(comm.recv(source=peer, tag=_TAG_ABORT))
         self.MPI.Request.Waitall(self.abort_requests)
         self.abort_requests = []
 
-        # Files split across ranks are empty only if no rank saw a non-blank line in them.
+        # Files split across ranks are empty only if no rank saw a non-blank line (or a document) in them.
         split = {r.file_index for part in self.all_ranges for r in part
                  if r.start > 0 or r.end < self.files[r.file_index].size}
         empty_split = [index for index in sorted(split) if total[1 + index] == 0]
         if total[0] == 0 and empty_split and config.strict:
             f = self.files[empty_split[0]]
             error_message = f"{f.path}:1: {empty_file_detail(f)}"
-            raise DistributedRunError(error_message, quiet=rank != 0)
+            raise DistributedInputError(error_message, quiet=rank != 0)
+        docs = total[1 + num_files:].reshape(num_files, num_keys)
+        for index in sorted(split):
+            empty_keys = [key for k, key in enumerate(config.json_keys) if docs[index, k] == 0]
+            if total[0] == 0 and empty_keys and not config.allow_empty:
+                message = empty_input_message(self.files[index], empty_keys, list(config.json_keys),
+                                              num_nonblank=int(total[1 + index]))
+                if rank == 0:
+                    logger.error("%s", message)
+                raise DistributedInputError(message, quiet=True)
         if total[0]:
-            failures = [(peer, message) for peer, (message, _) in enumerate(errors) if message]
+            failures = [(peer, message, user) for peer, (message, _, user) in enumerate(errors) if message]
+            user = False
             if failures:
-                peer, message = failures[0]
+                peer, message, user = failures[0]
                 summary = f"preprocessing failed on rank {peer}: {message}"
             else:
                 summary = "preprocessing was interrupted on another rank"
             if rank == 0:
                 logger.error("%s; no output was written", summary)
-            raise DistributedRunError(summary, quiet=True)
+            raise _run_error(summary, quiet=True, user=user)
 
         gathered = comm.gather(stats, root=0)
         if rank != 0:
@@ -510,14 +541,14 @@ class _DistributedRun:
         (rank 0 drains what is sent), so no rank is left waiting.
         """
         comm, rank = self.comm, self.rank
-        ok, message = True, ""
+        ok, message, user = True, "", False  # user: the failure is the user's to fix (a full disk)
         if rank == 0:
             for key_index, writer in enumerate(self.writers):
                 for peer in range(1, self.size):
                     comm.send(key_index, dest=peer, tag=_TAG_GO)
-                    peer_ok, problem = self._receive_part(writer if ok else None, peer, signals)
+                    peer_ok, problem, peer_user = self._receive_part(writer if ok else None, peer, signals)
                     if ok and not peer_ok:
-                        ok, message = False, problem
+                        ok, message, user = False, problem, peer_user
             if ok and signals.signum is not None:
                 ok, message = False, "interrupted on rank 0"
             if ok:
@@ -527,20 +558,22 @@ class _DistributedRun:
                     self.finalized = True
                 except Exception as failure:
                     ok, message = False, f"finalizing the outputs failed: {failure}"
+                    user = isinstance(failure, UserError)
             if not ok:
                 logger.error("merge failed: %s; no output was written", message)
         else:
             for _ in self.parts:
                 key_index = comm.recv(source=0, tag=_TAG_GO)
                 self._send_part(self.parts[key_index], signals)
-        ok, message = comm.bcast((ok, message), root=0)
+        ok, message, user = comm.bcast((ok, message, user), root=0)
         if not ok:
-            raise DistributedRunError(f"merge failed: {message}", quiet=True)
+            raise _run_error(f"merge failed: {message}", quiet=True, user=user)
 
     def _receive_part(self, writer: IndexedDatasetWriter | None, peer: int,
-                      signals: "_DeferredSignals") -> tuple[bool, str]:
-        """Append ``peer``'s part to ``writer``; with no writer (after a failure) receive and drop it."""
-        comm, ok, message = self.comm, True, ""
+                      signals: "_DeferredSignals") -> tuple[bool, str, bool]:
+        """Append ``peer``'s part to ``writer``; with no writer (after a failure) receive and drop it. Returns
+        (ok, what failed, whether that is the user's to fix)."""
+        comm, ok, message, user = self.comm, True, "", False
         header = np.zeros(3, np.int64)
         while True:
             comm.Recv(header, source=peer, tag=_TAG_HEADER)
@@ -548,7 +581,7 @@ class _DistributedRun:
             if status != _DATA:
                 if status == _END_FAILED and ok:
                     ok, message = False, f"rank {peer} could not send its part (interrupted or unreadable)"
-                return ok, message
+                return ok, message, user
             lengths = np.empty(num_sequences, np.int32)
             tokens = np.empty(num_tokens, self.dtype)
             comm.Recv(lengths, source=peer, tag=_TAG_LENGTHS)
@@ -560,6 +593,7 @@ class _DistributedRun:
                     writer.add_sequences(tokens, lengths, np.arange(1, num_sequences + 1, dtype=np.int64))
                 except Exception as failure:
                     ok, message = False, f"writing rank {peer}'s part failed: {failure}"
+                    user = isinstance(failure, UserError)
 
     def _send_part(self, part: PartWriter, signals: "_DeferredSignals") -> None:
         comm = self.comm
@@ -582,6 +616,7 @@ class _DistributedRun:
             for writer in self.writers:
                 writer.abort()
         for part in self.parts:
-            part.close()
+            with contextlib.suppress(OSError):  # a full disk fails the final flush; the directory goes anyway
+                part.close()
         if self.tmp_dir is not None:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)

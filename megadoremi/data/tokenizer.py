@@ -21,10 +21,13 @@ import json
 import os
 import random
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
+from megadoremi.data.output_files import remove_stale_temporaries, writing
+from megadoremi.utils.cli import UserError
 from megadoremi.utils.fs import atomic_output
 from megadoremi.utils.logging import get_logger
 
@@ -45,6 +48,15 @@ _READ_WHOLE_FACTOR = 4
 _MAX_SEEK_MISSES = 1000
 
 
+class TokenizerError(UserError, ValueError):
+    """An invalid tokenizer model, unusable training input or training setting; the message names the file
+    or value."""
+
+
+class TokenizerFileNotFoundError(UserError, FileNotFoundError):
+    """A tokenizer model or training input that does not exist; the message names it."""
+
+
 class Tokenizer:
     """A SentencePiece model: ``encode``/``encode_batch``/``decode``, the end-of-document id and a fingerprint."""
 
@@ -54,10 +66,13 @@ class Tokenizer:
             with open(self._model_path, "rb") as handle:
                 proto = handle.read()
         except FileNotFoundError:
-            raise FileNotFoundError(f"SentencePiece model file not found: {self._model_path}") from None
+            raise TokenizerFileNotFoundError(f"SentencePiece model file not found: {self._model_path}") from None
         except IsADirectoryError:
-            raise IsADirectoryError(f"SentencePiece model path is a directory, not a .model file: "
-                                    f"{self._model_path}") from None
+            raise TokenizerError(f"SentencePiece model path is a directory, not a .model file: "
+                                 f"{self._model_path}") from None
+        except OSError as error:
+            raise TokenizerError(f"{self._model_path}: cannot read the SentencePiece model "
+                                 f"({error.strerror or error})") from None
         self._load(proto)
 
     def _load(self, proto: bytes) -> None:
@@ -65,8 +80,8 @@ class Tokenizer:
         try:
             processor.LoadFromSerializedProto(proto)
         except RuntimeError as error:
-            raise ValueError(f"{self._model_path} is not a valid SentencePiece model ({len(proto)} bytes): "
-                             f"{str(error).strip()}") from None
+            raise TokenizerError(f"{self._model_path} is not a valid SentencePiece model ({len(proto)} bytes): "
+                                 f"{str(error).strip()}") from None
         self._processor = processor
         self._proto = proto
         self._fingerprint = hashlib.md5(proto).hexdigest()
@@ -129,8 +144,8 @@ def _find_eod_id(processor: spm.SentencePieceProcessor, model_path: str) -> int:
         # piece_to_id answers unk for unknown pieces, so check the round trip.
         if processor.id_to_piece(piece_id) == piece:
             return piece_id
-    raise ValueError(f"{model_path}: the SentencePiece model has eos disabled and none of the pieces "
-                     f"{list(EOD_FALLBACK_PIECES)}; cannot tell which id ends a document")
+    raise TokenizerError(f"{model_path}: the SentencePiece model has eos disabled and none of the pieces "
+                         f"{list(EOD_FALLBACK_PIECES)}; cannot tell which id ends a document")
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -172,13 +187,13 @@ def train_tokenizer(
 ) -> TokenizerTrainingResult:
     """Train SentencePiece on an even per-domain sample of jsonl inputs; writes ``{model_prefix}.model`` / ``.vocab``."""
     if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
+        raise TokenizerError(f"vocab_size must be > 0, got {vocab_size}")
     if max_chars <= 0:
-        raise ValueError(f"max_chars must be > 0, got {max_chars}")
+        raise TokenizerError(f"max_chars must be > 0, got {max_chars}")
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     if num_threads <= 0:
-        raise ValueError(f"num_threads must be > 0, got {num_threads}")
+        raise TokenizerError(f"num_threads must be > 0, got {num_threads}")
     started = time.perf_counter()
     domain_files = resolve_domain_files(inputs)
     budget_per_domain = max(1, max_chars // len(domain_files))
@@ -187,7 +202,10 @@ def train_tokenizer(
     chars_per_domain, docs_per_domain, malformed_per_domain = {}, {}, {}
     for domain, path in domain_files.items():
         rng = random.Random(f"megadoremi-tokenizer:{seed}:{domain}")
-        sample = _sample_domain(path, budget_per_domain, rng, json_key)
+        try:
+            sample = _sample_domain(path, budget_per_domain, rng, json_key)
+        except (OSError, EOFError, zlib.error) as error:  # unreadable, or a corrupt .gz
+            raise TokenizerError(f"{path}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
         if sample.num_malformed:
             logger.warning("%s: skipped %d malformed line(s); first: %s", path, sample.num_malformed,
                            sample.first_problem)
@@ -195,7 +213,7 @@ def train_tokenizer(
             detail = ""
             if sample.num_malformed:
                 detail = f" ({sample.num_malformed} malformed line(s); first: {sample.first_problem})"
-            raise ValueError(f"{path}: no usable text under key {json_key!r}{detail}")
+            raise TokenizerError(f"{path}: no usable text under key {json_key!r}{detail}")
         for text in sample.texts:
             sentences.extend(_split_sentences(text))
         chars_per_domain[domain] = sample.num_chars
@@ -206,7 +224,10 @@ def train_tokenizer(
 
     model_prefix = os.fspath(model_prefix)
     model_path, vocab_path = f"{model_prefix}.model", f"{model_prefix}.vocab"
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    model_dir = os.path.dirname(os.path.abspath(model_prefix))
+    with writing(model_path):
+        os.makedirs(model_dir, exist_ok=True)
+    remove_stale_temporaries(model_dir, [os.path.basename(model_path), os.path.basename(vocab_path)])
     logger.info("training %s tokenizer: vocab %d on %d chars (%d sentences), %d thread(s)", model_type, vocab_size,
                 sum(chars_per_domain.values()), len(sentences), num_threads)
     proto = _train_sentencepiece(sentences, vocab_size, seed=seed, model_type=model_type,
@@ -218,9 +239,9 @@ def train_tokenizer(
     processor.LoadFromSerializedProto(proto)
     vocab_lines = (f"{_escape_piece(processor.id_to_piece(i))}\t{processor.get_score(i):g}\n"
                    for i in range(processor.vocab_size()))
-    with atomic_output(vocab_path, "wb") as handle:
+    with writing(vocab_path), atomic_output(vocab_path, "wb") as handle:
         handle.write("".join(vocab_lines).encode("utf-8"))
-    with atomic_output(model_path, "wb") as handle:
+    with writing(model_path), atomic_output(model_path, "wb") as handle:
         handle.write(proto)
     seconds = time.perf_counter() - started
     logger.info("wrote %s (%d pieces, md5 %s) in %.1f s", model_path, processor.vocab_size(),
@@ -278,8 +299,8 @@ def _train_sentencepiece(sentences: list[str], vocab_size: int, *, seed: int, mo
             minloglevel=1,
         )
     except RuntimeError as error:
-        raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}, model_type={model_type}): "
-                         f"{str(error).strip()}") from None
+        raise TokenizerError(f"SentencePiece training failed (vocab_size={vocab_size}, model_type={model_type}): "
+                             f"{str(error).strip()}") from None
     return model.getvalue()
 
 
@@ -294,19 +315,19 @@ def resolve_domain_files(inputs: str | os.PathLike | Iterable[str | os.PathLike]
             found = sorted(os.path.join(item, name) for name in os.listdir(item)
                            if name.endswith((".jsonl", ".jsonl.gz")) and not name.startswith("."))
             if not found:
-                raise FileNotFoundError(f"no .jsonl or .jsonl.gz files in input folder {item}")
+                raise TokenizerFileNotFoundError(f"no .jsonl or .jsonl.gz files in input folder {item}")
             paths.extend(found)
         elif os.path.exists(item):
             paths.append(item)
         elif glob.has_magic(item):
             found = sorted(path for path in glob.glob(item) if os.path.isfile(path))
             if not found:
-                raise FileNotFoundError(f"input pattern matched no files: {item}")
+                raise TokenizerFileNotFoundError(f"input pattern matched no files: {item}")
             paths.extend(found)
         else:
-            raise FileNotFoundError(f"input file not found: {item}")
+            raise TokenizerFileNotFoundError(f"input file not found: {item}")
     if not paths:
-        raise ValueError("no tokenizer training inputs given")
+        raise TokenizerError("no tokenizer training inputs given")
 
     domain_files: dict[str, str] = {}
     seen = set()

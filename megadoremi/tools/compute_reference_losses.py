@@ -7,6 +7,8 @@ Rows follow the proxy's training stream exactly (sample position = step x global
 can use the cache with any parallel layout: ``--doremi.reference_losses=DIR/ref_losses``. Writes
 ``ref_losses.npy`` (float32, samples x seq_length) and ``ref_losses.json`` (reference md5 + the training
 stream's identity, from the same stream builder the trainer uses), under temporary names renamed at the end.
+Exit status: 0; 2 on a mistake in the config, a dataset, a weights file or the reference model (one line naming
+the file or field; ``--debug`` adds the traceback).
 """
 
 import argparse
@@ -14,8 +16,15 @@ import sys
 
 import torch
 
+from megadoremi.utils.cli import run_cli
+
 
 def main(argv=None) -> int:
+    """Run the command line; returns the exit status."""
+    return run_cli("compute_reference_losses", _main, argv)
+
+
+def _main(argv) -> int:
     from megadoremi.config import ConfigError, load_config
     from megadoremi.distributed.engine import use_bf16
     from megadoremi.distributed.env import discover_environment, init_distributed, prepare_process_environment
@@ -31,18 +40,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--proxy-world-size", type=int, default=None,
                         help="world size of the proxy run (sets its global batch); default: this run's")
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, overrides = parser.parse_known_args(argv)
     env = discover_environment()
     configure_logging(rank=env.rank)
-    try:
-        config = load_config(args.config, overrides)
-        if not config.doremi.reference_model:
-            raise ConfigError("doremi.reference_model: required to compute reference losses")
-        plan = resolve_batch_plan(config.train, config.parallel, args.proxy_world_size or env.world_size)
-        spec = build_stream_spec(config, plan)
-    except ConfigError as error:
-        print(f"compute_reference_losses: config error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, overrides)
+    if not config.doremi.reference_model:
+        raise ConfigError("doremi.reference_model: required to compute reference losses")
+    plan = resolve_batch_plan(config.train, config.parallel, args.proxy_world_size or env.world_size)
+    spec = build_stream_spec(config, plan)
     distributed = env.world_size > 1
     if distributed:
         init_distributed(env)

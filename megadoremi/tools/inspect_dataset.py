@@ -1,6 +1,9 @@
 """Inspect a Megatron indexed dataset: counts, length statistics, token histogram, decoded samples.
 
 ``megadoremi-inspect-dataset PREFIX [--tokenizer-model M] [--sample I ...] [--top-tokens K] [--json]``
+
+Exit status: 0; 2 on a missing, truncated or foreign dataset, an invalid tokenizer model or a --sample out of
+range (one line naming the file or flag; ``--debug`` adds the traceback).
 """
 
 import argparse
@@ -9,7 +12,8 @@ import sys
 
 import numpy as np
 
-from megadoremi.data.indexed_dataset import IndexedDataset, IndexedDatasetError
+from megadoremi.data.indexed_dataset import IndexedDataset
+from megadoremi.utils.cli import UserError, run_cli
 
 # Tokens read for the histogram when the dataset is larger (a strided sample of sequences).
 _HISTOGRAM_TOKEN_BUDGET = 50_000_000
@@ -67,6 +71,8 @@ def inspect(prefix: str, tokenizer_model: str | None, samples: list[int], top_k:
     }
     report["samples"] = {}
     for i in samples:
+        if not -len(ds) <= i < len(ds):
+            raise UserError(f"--sample {i}: out of range, {prefix} holds {len(ds)} sequences")
         tokens = ds[i]
         entry = {"length": int(tokens.size), "tokens": tokens.tolist()}
         if tokenizer:
@@ -93,6 +99,11 @@ def print_report(report: dict) -> None:
 
 
 def main(argv=None) -> int:
+    """Run the command line; returns the exit status."""
+    return run_cli("inspect_dataset", _main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(description="Inspect a Megatron indexed dataset (.bin/.idx)")
     parser.add_argument("prefix", help="dataset path prefix (without .bin/.idx)")
     parser.add_argument("--tokenizer-model", help="SentencePiece model to decode samples and histogram pieces")
@@ -101,11 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
-    try:
-        report = inspect(prefix, args.tokenizer_model, args.sample, args.top_tokens)
-    except (IndexedDatasetError, IndexError) as error:
-        print(f"inspect_dataset: error: {error}", file=sys.stderr)
-        return 2
+    report = inspect(prefix, args.tokenizer_model, args.sample, args.top_tokens)
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()

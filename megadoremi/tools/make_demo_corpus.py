@@ -1,14 +1,15 @@
 """Write the deterministic multi-domain demo corpus (one <domain>.jsonl per domain), built locally, no downloads.
 
     python tools/make_demo_corpus.py demo_workdir/raw --seed 0
+
+Exit status: 0; 2 on a bad setting or an unwritable OUTDIR (one line; ``--debug`` adds the traceback).
 """
 
 import argparse
+import sys
 
 from megadoremi.data.demo_corpus import DEFAULT_TARGET_BYTES_PER_DOMAIN, DOMAINS, make_demo_corpus
-from megadoremi.utils.logging import get_logger
-
-logger = get_logger(__name__)
+from megadoremi.utils.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,17 +25,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    return run_cli("make_demo_corpus", _main, argv)
+
+
+def _main(argv) -> int:
     """Parse arguments and write the corpus."""
     args = build_parser().parse_args(argv)
-    try:
-        make_demo_corpus(
-            args.outdir,
-            seed=args.seed,
-            target_bytes_per_domain=args.bytes_per_domain,
-            docs_per_domain=args.docs_per_domain,
-            domains=args.domains,
-        )
-    except (OSError, ValueError) as error:
-        logger.error("%s", error)
-        raise SystemExit(1) from None
+    make_demo_corpus(
+        args.outdir,
+        seed=args.seed,
+        target_bytes_per_domain=args.bytes_per_domain,
+        docs_per_domain=args.docs_per_domain,
+        domains=args.domains,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

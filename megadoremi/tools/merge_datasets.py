@@ -1,7 +1,9 @@
 """Merge Megatron indexed datasets into one: ``megadoremi-merge-datasets --input P1 P2 ... --output-prefix OUT``.
 
 The document index is extended correctly (GPT-NeoX's merge forgets to, and megatron-core rejects the result);
-the output is written under temporary names and renamed only when complete.
+the output is written under temporary names and renamed only when complete (those of a killed merge are removed
+by the next one). Exit status: 0 merged; 2 on a missing, truncated or foreign input dataset or an unwritable
+output (one line naming the file; ``--debug`` adds the traceback).
 """
 
 import argparse
@@ -10,6 +12,7 @@ import os
 import sys
 
 from megadoremi.data.indexed_dataset import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
+from megadoremi.utils.cli import run_cli
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -42,6 +45,7 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> IndexedDataset:
         raise IndexedDatasetError(f"inputs have different token dtypes ({detail}); cannot merge")
     if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
         raise IndexedDatasetError(f"{output_prefix}: output prefix is also an input")
+    IndexedDatasetWriter.remove_stale_temporaries(output_prefix)
     with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
         for ds in datasets:
             writer.add_index(ds.path_prefix)
@@ -52,15 +56,16 @@ def merge_datasets(prefixes: list[str], output_prefix: str) -> IndexedDataset:
 
 
 def main(argv=None) -> int:
+    """Run the command line; returns the exit status."""
+    return run_cli("merge_datasets", _main, argv)
+
+
+def _main(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, help="dataset prefixes, .bin/.idx paths or folders")
     parser.add_argument("--output-prefix", required=True)
     args = parser.parse_args(argv)
-    try:
-        merge_datasets(expand_prefixes(args.input), args.output_prefix)
-    except IndexedDatasetError as error:
-        print(f"merge_datasets: error: {error}", file=sys.stderr)
-        return 2
+    merge_datasets(expand_prefixes(args.input), args.output_prefix)
     return 0
 
 

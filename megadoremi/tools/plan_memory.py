@@ -10,7 +10,8 @@ checkpointing and precision from an experiment YAML; explicit flags win. The bat
 ``--grad-accum`` the accumulation that reaches it. ``--json`` prints exactly ``num_params``,
 ``largest_layer_params``, ``params_gb``, ``grads_gb``, ``optimizer_gb``, ``activations_gb``, ``total_gb``
 (GiB per GPU, the most loaded pipeline stage). The formulas are in ``megadoremi.memory_plan``.
-Exit status: 0 (whether or not it fits; the human output says), 2 on a usage or configuration error.
+Exit status: 0 (whether or not it fits; the human output says), 2 on a usage or configuration error (one line
+naming the flag, field or file; ``--debug`` adds the traceback).
 """
 
 import argparse
@@ -18,6 +19,7 @@ import json
 import sys
 
 from megadoremi.memory_plan import ATTENTION_KINDS, GIB, HEADROOM_FRACTION, PRECISIONS, Layout, MemoryPlan, plan_memory
+from megadoremi.utils.cli import UserError, run_cli
 
 PAPER_GLOBAL_BATCH = 512
 DEFAULTS = {"preset": None, "zero": 0, "micro_batch": 1, "pipeline": 1, "grad_accum": None, "seq_length": 1024,
@@ -169,7 +171,10 @@ def format_report(plan: MemoryPlan, settings: dict, args: argparse.Namespace) ->
 
 def main(argv=None) -> int:
     """Parse, plan, print; 0 on success, 2 on a usage or configuration error."""
-    from megadoremi.config import ConfigError
+    return run_cli("plan_memory", _main, argv)
+
+
+def _main(argv) -> int:
     from megadoremi.model.presets import gpt_config_from_preset
 
     parser = build_parser()
@@ -184,9 +189,10 @@ def main(argv=None) -> int:
                         activation_checkpointing=settings["activation_checkpointing"],
                         precision=settings["precision"], attention=args.attention)
         plan = plan_memory(model, layout)
-    except (ConfigError, ValueError) as error:
-        print(f"plan_memory: {error}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise  # a config file's error, named by its field
+    except ValueError as error:  # the flags' values, checked by the planner
+        raise UserError(str(error)) from error
     if args.json:
         summary = plan.summary()
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}))

@@ -3,21 +3,28 @@
 ``megadoremi-preprocess --input data/*.jsonl.gz --json-keys text --output-prefix out/corpus
 --tokenizer-model tok.model --append-eod --workers 8`` writes ``out/corpus_text_document.bin/.idx``.
 Launched under ``mpiexec -n R`` or ``srun`` it splits the input across the R ranks and merges on rank 0 (see
-megadoremi.data.preprocess_mpi). Exit status: 0 on success, 1 on failure (nothing written), 2 on a usage
-error, 130/143 when interrupted by SIGINT/SIGTERM (nothing written, temporary files removed).
+megadoremi.data.preprocess_mpi). Exit status: 0 on success; 2 on a mistake in the input, one line naming the
+file or flag (a bad flag, a missing or empty input file, bad input under --strict, an invalid tokenizer model, a
+full disk); 1 when the run failed for another reason (a worker killed, an I/O error: one line; a bug: a
+traceback); 130/143 when interrupted by SIGINT/SIGTERM. Nothing is written unless the run succeeds, and
+temporary files are removed (those of a run killed with SIGKILL by the next run on the same --output-prefix).
+``--debug`` shows the traceback of a user error too.
 """
 
 import argparse
 import signal
+import sys
 
 from megadoremi.data.preprocess import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_REPORTED, PreprocessConfig, \
     PreprocessError
-from megadoremi.data.preprocess_mpi import run_preprocess
+from megadoremi.data.preprocess_mpi import DistributedRunError, run_preprocess
+from megadoremi.utils.cli import EXIT_USAGE, UserError, run_cli
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer",)
+EXIT_FAILED = 1  # the run failed for a reason outside the input (a killed worker, an I/O error), as a bug does
 
 
 class _Terminated(KeyboardInterrupt):
@@ -66,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokenizer processes per rank (1: tokenize in the main process)")
     parser.add_argument("--strict", action="store_true",
                         help="fail on the first bad line or file instead of skipping and counting it")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="accept an input file that yields no document (empty, binary, every line bad or "
+                             "without the key) instead of failing on it; an output may then hold 0 documents")
     parser.add_argument("--log-interval", type=parse_log_interval, default=(30.0, None),
                         help="progress log line every N documents (1000) or seconds (30s) when stderr is not a "
                              "terminal (default: 30s)")
@@ -94,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         append_eod=args.append_eod,
         workers=args.workers,
         strict=args.strict,
+        allow_empty=args.allow_empty,
         chunk_bytes=args.chunk_bytes,
         log_interval_s=log_interval_s,
         log_interval_docs=log_interval_docs,
@@ -104,14 +115,16 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
 
 
 def main(argv=None) -> int:
-    """Parse, run, and return the exit status (0 done, 1 failed, 2 usage error, 130/143 interrupted)."""
+    """Run the command line (``--debug``: tracebacks of user errors too); returns the exit status."""
+    return run_cli("preprocess_data", _main, argv)
+
+
+def _main(argv) -> int:
+    """Parse, run, and return the exit status; a UserError is left to ``run_cli``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    try:
-        config.validate()
-    except PreprocessError as error:
-        parser.error(str(error))
+    config.validate()
     try:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: leave signals alone
@@ -123,13 +136,25 @@ def main(argv=None) -> int:
         logger.error("interrupted by %s: no output was written, temporary files removed",
                      "SIGTERM" if isinstance(interrupt, _Terminated) else "SIGINT")
         return 143 if isinstance(interrupt, _Terminated) else 130
-    except PreprocessError as error:
-        if not getattr(error, "quiet", False):
+    except DistributedRunError as error:
+        # Every rank raises it; one reported it already, unless it is this one.
+        if not error.quiet:
+            if isinstance(error, UserError):
+                raise
             logger.error("%s", error)
-        return 1
-    except OSError as error:  # an unreadable input or an unwritable output directory: nothing was written
+        return EXIT_USAGE if isinstance(error, UserError) else EXIT_FAILED
+    except UserError:
+        raise
+    except PreprocessError as error:  # not the input's fault (a worker was killed): one line, no traceback
         logger.error("%s", error)
-        return 1
+        return EXIT_FAILED
+    except OSError as error:  # an I/O error reading or writing: nothing was written
+        logger.error("%s", error)
+        return EXIT_FAILED
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

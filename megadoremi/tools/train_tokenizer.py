@@ -1,14 +1,16 @@
 """Train a SentencePiece tokenizer on an even per-domain sample of jsonl files.
 
     python tools/train_tokenizer.py --input data/raw/ --model-prefix tok/spm32k --vocab-size 32000
+
+Exit status: 0; 2 on a missing or unusable input, a bad setting or an unwritable output (one line naming the file
+or flag; ``--debug`` adds the traceback).
 """
 
 import argparse
+import sys
 
 from megadoremi.data.tokenizer import DEFAULT_MAX_CHARS, DEFAULT_NUM_THREADS, train_tokenizer
-from megadoremi.utils.logging import get_logger
-
-logger = get_logger(__name__)
+from megadoremi.utils.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,21 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    return run_cli("train_tokenizer", _main, argv)
+
+
+def _main(argv) -> int:
     """Parse arguments and train."""
     args = build_parser().parse_args(argv)
-    try:
-        train_tokenizer(
-            args.input,
-            args.model_prefix,
-            args.vocab_size,
-            max_chars=args.max_chars,
-            seed=args.seed,
-            json_key=args.json_key,
-            model_type=args.model_type,
-            character_coverage=args.character_coverage,
-            num_threads=args.num_threads,
-        )
-    except (OSError, ValueError) as error:
-        logger.error("%s", error)
-        raise SystemExit(1) from None
+    train_tokenizer(
+        args.input,
+        args.model_prefix,
+        args.vocab_size,
+        max_chars=args.max_chars,
+        seed=args.seed,
+        json_key=args.json_key,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        num_threads=args.num_threads,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ from megadoremi.data.blending import (
 )
 from megadoremi.data.gpt_dataset import GPTSampleDataset, samples_per_epoch, split_document_ranges
 from megadoremi.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megadoremi.utils.cli import UserError
 
 DOMAINS = ["web", "code", "books"]
 
@@ -96,6 +97,7 @@ def test_load_domain_weights_file_errors_name_file_domain_and_value(tmp_path, co
     path = write_weights(tmp_path, content)
     with pytest.raises(ValueError) as error:
         load_domain_weights(path, DOMAINS)
+    assert isinstance(error.value, UserError)  # a command reports it in one line and exits 2
     message = str(error.value)
     assert path in message
     for fragment in fragments:
@@ -104,7 +106,7 @@ def test_load_domain_weights_file_errors_name_file_domain_and_value(tmp_path, co
 
 def test_load_domain_weights_other_errors(tmp_path):
     missing = str(tmp_path / "absent.json")
-    with pytest.raises(ValueError, match=f"{missing}.*cannot read"):
+    with pytest.raises(UserError, match=f"{missing}.*cannot read"):
         load_domain_weights(missing, DOMAINS)
     with pytest.raises(ValueError, match="2 weights given for 3 domains"):
         load_domain_weights([1, 2], DOMAINS)

@@ -16,6 +16,7 @@ from megadoremi.data.indexed_dataset import (
     data_file_path,
     index_file_path,
 )
+from megadoremi.utils.cli import UserError
 
 
 def random_documents(seed=0, num=200, max_len=60, high=60000):
@@ -186,8 +187,9 @@ def _patch_idx(prefix, offset, data):
 
 
 def test_missing_files(tmp_path, good_prefix):
-    with pytest.raises(IndexedDatasetError, match="nothere.bin"):
+    with pytest.raises(IndexedDatasetError, match="nothere.bin") as error:
         IndexedDataset(str(tmp_path / "nothere"))
+    assert isinstance(error.value, UserError)  # a command reports it in one line and exits 2
     os.remove(index_file_path(good_prefix))
     with pytest.raises(IndexedDatasetError, match="good.idx.*not found"):
         IndexedDataset(good_prefix)

@@ -1,6 +1,7 @@
 """tools/preprocess_data.py: Megatron-compatible output, byte-identical for any number of workers and MPI ranks,
 bad input skipped and reported (or fatal under --strict), nothing left behind on failure or Ctrl-C."""
 
+import errno
 import gzip
 import io
 import json
@@ -16,10 +17,14 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from megadoremi.data import indexed_dataset, preprocess_mpi
 from megadoremi.data.indexed_dataset import IndexedDataset
+from megadoremi.data.output_files import OutputWriteError, this_host
 from megadoremi.data.preprocess import InputFile, InputRange, iter_jobs
-from megadoremi.data.preprocess_mpi import count_line_starts, mpi_launch_hint, split_ranges
+from megadoremi.data.preprocess_mpi import PartWriter, count_line_starts, mpi_launch_hint, split_ranges
 from megadoremi.data.tokenizer import Tokenizer
+from megadoremi.tools.preprocess_data import main as preprocess_main
+from megadoremi.utils.cli import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO_ROOT, "tools", "preprocess_data.py")
@@ -204,7 +209,7 @@ def test_glob_input_is_sorted_and_equals_explicit_list(tmp_path, tokenizer, toke
 
     result = run_tool("--input", str(tmp_path / "in" / "*.nothing"), "--output-prefix", tmp_path / "none",
                       "--tokenizer-model", tokenizer_model)
-    assert result.returncode == 1 and "no input file matches" in result.stderr
+    assert result.returncode == 2 and "no input file matches" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------- bad input
@@ -224,6 +229,8 @@ BAD_INPUTS = {
     "blank_lines_only": ("blank.jsonl", b"\n  \n\t\n", 1, "empty_file"),
     "corrupt_gzip": ("bad.jsonl.gz", gzip.compress(b"\n".join(_GOOD) + b"\n")[:-12], None, "corrupt_gzip"),
 }
+# Cases whose bad file yields no document at all: an error naming the file unless --allow-empty.
+YIELD_NOTHING = {"empty_file", "blank_lines_only", "corrupt_gzip"}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -235,8 +242,18 @@ def test_bad_input_is_skipped_and_reported_or_fatal_under_strict(tmp_path, case,
         handle.write(data)
     location = re.escape(f"{bad}:{line}:") if line else re.escape(bad) + r":\d+:"
 
+    allow = []
+    if case in YIELD_NOTHING:
+        result = run_tool("--input", good, bad, "--output-prefix", tmp_path / "none" / "x", "--tokenizer-model",
+                          tokenizer_model)
+        assert result.returncode == 2, result.stderr
+        assert re.search(rf"preprocess_data: error: {re.escape(bad)}: no documents \(.*\); pass --allow-empty",
+                         result.stderr), result.stderr
+        assert "Traceback" not in result.stderr
+        assert_nothing_left(str(tmp_path / "none"))
+        allow = ["--allow-empty"]
     result = run_tool("--input", good, bad, "--output-prefix", tmp_path / "out" / "x", "--tokenizer-model",
-                      tokenizer_model)
+                      tokenizer_model, *allow)
     assert result.returncode == 0, result.stderr
     assert re.search(location, result.stderr), result.stderr
     assert re.search(rf"skipped: .*{reason} 1", result.stderr), result.stderr
@@ -246,7 +263,7 @@ def test_bad_input_is_skipped_and_reported_or_fatal_under_strict(tmp_path, case,
     strict_out = tmp_path / "strict"
     result = run_tool("--input", good, bad, "--output-prefix", strict_out / "x", "--tokenizer-model",
                       tokenizer_model, "--strict", "--workers", 2)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # bad input is the user's to fix: one line, no traceback
     assert re.search(location, result.stderr), result.stderr
     assert_nothing_left(str(strict_out))
 
@@ -257,8 +274,8 @@ def test_missing_input_file_is_an_error_before_any_work(tmp_path, tokenizer_mode
     for extra in ([], ["--strict"]):
         result = run_tool("--input", good, missing, "--output-prefix", tmp_path / "out" / "x", "--tokenizer-model",
                           tokenizer_model, *extra)
-        assert result.returncode == 1
-        assert f"{missing}: input file not found" in result.stderr
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"preprocess_data: error: {missing}: input file not found"]
         assert_nothing_left(str(tmp_path / "out"))
 
 
@@ -453,3 +470,191 @@ def test_memory_does_not_grow_with_corpus_size(tmp_path, large_input, tokenizer_
     large_kib = _peak_rss_kib(["--input", large_input, "--output-prefix", tmp_path / "large", *common])
     extra_input_kib = (len(data) - os.path.getsize(small)) // 1024
     assert large_kib - small_kib < extra_input_kib // 4, (small_kib, large_kib, extra_input_kib)
+
+
+# ----------------------------------------------------------------------- inputs without documents
+
+
+def _binary_file(path) -> str:
+    """The start of a shared library: a binary file given as input by mistake."""
+    with open(spm._sentencepiece.__file__, "rb") as handle:
+        return write(path, handle.read(200_000))
+
+
+def _no_documents_case(tmp_path, case: str) -> tuple[list[str], list[str], str]:
+    """(inputs, extra flags, the file named and why) for an input that yields no document."""
+    good = write(tmp_path / "in" / "good.jsonl", b"\n".join(_GOOD) + b"\n")
+    if case == "binary":
+        bad = _binary_file(tmp_path / "in" / "lib.so")
+        return [good, bad], [], re.escape(bad) + r": no documents \([\d,]+ line\(s\), skipped: .*invalid_utf8 " \
+            r"[\d,]+.*; is it a jsonl file\?\)"
+    if case == "empty":
+        bad = write(tmp_path / "in" / "empty.jsonl", b"")
+        return [bad, good], [], re.escape(bad) + r": no documents \(the file is empty\)"
+    if case == "empty_documents":
+        bad = write(tmp_path / "in" / "blank_texts.jsonl", b'{"text": ""}\n' * 3)
+        return [good, bad], [], re.escape(bad) + r": no documents \(3 line\(s\), skipped: empty_document 3\)"
+    # A key that no line of the good file has: no document for it, even though "text" has some.
+    return [good], ["--json-keys", "text", "title"], re.escape(good) + r": no documents for key\(s\) 'title' " \
+        r"\(3 line\(s\), skipped: missing_key 3\)"
+
+
+@pytest.mark.parametrize("case,workers", [("binary", 2), ("empty", 1), ("empty_documents", 1), ("missing_key", 2)])
+def test_input_without_documents_is_an_error_naming_it(tmp_path, tokenizer_model, case, workers):
+    inputs, extra, named = _no_documents_case(tmp_path, case)
+    result = run_tool("--input", *inputs, "--output-prefix", tmp_path / "out" / "x", "--tokenizer-model",
+                      tokenizer_model, "--workers", workers, *extra)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"preprocess_data: error: {named}; pass --allow-empty to accept an input without "
+                        r"documents", last), last
+    assert "Traceback" not in result.stderr
+    assert_nothing_left(str(tmp_path / "out"))
+
+
+def test_allow_empty_accepts_inputs_without_documents(tmp_path, tokenizer_model):
+    binary = _binary_file(tmp_path / "in" / "lib.so")
+    empty = write(tmp_path / "in" / "empty.jsonl", b"")
+    prefix = tmp_path / "out" / "x"
+    result = run_tool("--input", empty, binary, "--output-prefix", prefix, "--tokenizer-model", tokenizer_model,
+                      "--allow-empty", "--workers", 2)
+    assert result.returncode == 0, result.stderr
+    assert IndexedDataset(f"{prefix}_text_document", verify=True).num_documents == 0
+    assert f"wrote {prefix}_text_document.bin/.idx with 0 documents (allowed by --allow-empty)" in result.stderr
+    assert f"skipped {empty}:1: empty file (0 bytes)" in result.stderr
+
+
+def test_mpi_input_without_documents_split_across_ranks(tmp_path, tokenizer_model):
+    """The binary file is cut between the two ranks: only the reduction over the ranks can tell it is empty."""
+    good = write(tmp_path / "in" / "good.jsonl", b"\n".join(_GOOD) + b"\n")
+    binary = _binary_file(tmp_path / "in" / "lib.so")
+    parts = tmp_path / "parts"
+    common = ["--input", good, binary, "--tokenizer-model", tokenizer_model, "--tmp-dir", parts]
+    result = run_tool(*common, "--output-prefix", tmp_path / "out" / "x", mpi_ranks=2, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert re.search(rf"{re.escape(binary)}: no documents \([\d,]+ non-blank line\(s\), every one skipped or "
+                     r"empty; see the warnings above\); pass --allow-empty", result.stderr), result.stderr
+    assert_nothing_left(str(tmp_path / "out"))
+    assert_nothing_left(str(parts))
+    result = run_tool(*common, "--output-prefix", tmp_path / "allowed" / "x", "--allow-empty", mpi_ranks=2,
+                      timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert IndexedDataset(str(tmp_path / "allowed" / "x_text_document")).num_documents == len(_GOOD)
+
+
+# ---------------------------------------------------------------------- stale temporaries, full disk
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, tokenizer_model):
+    out, parts, host, dead, live = tmp_path / "out", tmp_path / "parts", this_host(), _dead_pid(), os.getpid()
+    stale = [out / f".x_text_document.bin.tmp-{dead}-0123abcd@{host}",
+             out / f".x_text_document.idx.lengths.tmp-{dead}-0123abcd@{host}",
+             out / f".x_text_document.idx.tmp-{dead}-4567abcd",  # no host: written by atomic_output or older code
+             parts / f".x.tmp-{dead}-89abcdef-rank1-k2j3x9@{host}"]  # a rank's part directory
+    kept = [out / f".x_text_document.bin.tmp-{live}-0123abcd@{host}",  # a live writer
+            out / f".x_text_document.bin.tmp-{dead}-0123abcd@another-host",  # cannot be checked from here
+            out / f".y_text_document.bin.tmp-{dead}-0123abcd@{host}",  # another output prefix
+            parts / f".x.tmp-{live}-89abcdef-rank1-a1b2c3@{host}"]
+    for path in stale + kept:
+        if ".x.tmp-" in path.name:
+            write(path / "part0.tokens", b"t" * 1500)
+        else:
+            write(path, b"t" * 1500)
+    good = write(tmp_path / "good.jsonl", b"\n".join(_GOOD) + b"\n")
+    result = run_tool("--input", good, "--output-prefix", out / "x", "--tokenizer-model", tokenizer_model,
+                      "--tmp-dir", parts)
+    assert result.returncode == 0, result.stderr
+    for path in stale:
+        assert not os.path.exists(path), path
+        assert f"removed {path} (1.5 kB), left by process {dead}" in result.stderr
+    assert all(os.path.exists(path) for path in kept)
+    assert IndexedDataset(str(out / "x_text_document")).num_documents == len(_GOOD)
+
+
+def test_kill_9_leaves_temporaries_that_the_next_run_removes(tmp_path, large_input, tokenizer_model):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, TOOL, "--input", large_input, "--output-prefix", out / "x",
+                                "--tokenizer-model", tokenizer_model, "--chunk-bytes", "100000"], cwd=REPO_ROOT,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and process.poll() is None:
+            temps = [out / n for n in os.listdir(out) if ".tmp-" in n] if out.is_dir() else []
+            if any(os.path.exists(t) and os.path.getsize(t) > 0 for t in temps):
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the run finished before it could be killed"
+        process.kill()
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    left = sorted(n for n in os.listdir(out) if ".tmp-" in n)
+    assert left and all(f"-{process.pid}-" in n for n in left)
+    good = write(tmp_path / "good.jsonl", b"\n".join(_GOOD) + b"\n")
+    result = run_tool("--input", good, "--output-prefix", out / "x", "--tokenizer-model", tokenizer_model)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["x_text_document.bin", "x_text_document.idx"]
+    for name in left:
+        assert f"removed {out / name} (" in result.stderr
+
+
+class _FullDisk:
+    """A file whose writes fail with ``code`` (a full disk or quota), as the kernel reports them."""
+
+    def __init__(self, handle, code: int):
+        self.handle, self.code = handle, code
+
+    def write(self, data):
+        raise OSError(self.code, os.strerror(self.code))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def _fail_writes(monkeypatch, module, code: int, name_part: str) -> None:
+    """Make writes to files opened by ``module`` whose name holds ``name_part`` fail with ``code``."""
+    def fake_open(path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)
+        return _FullDisk(handle, code) if name_part in os.path.basename(str(path)) else handle
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("code,name_part,output,why", [
+    (errno.ENOSPC, ".bin.tmp-", "x_text_document.bin", "no space left on device [ENOSPC]; free space or write "
+                                                       "elsewhere"),
+    (errno.EDQUOT, ".idx.tmp-", "x_text_document.idx", "disk quota exceeded [EDQUOT]; free space or write elsewhere"),
+], ids=["bin-ENOSPC", "idx-EDQUOT"])
+def test_full_disk_names_the_output_and_leaves_nothing(tmp_path, tokenizer_model, monkeypatch, capsys, code,
+                                                        name_part, output, why):
+    _fail_writes(monkeypatch, indexed_dataset, code, name_part)
+    good = write(tmp_path / "good.jsonl", b"\n".join(_GOOD) + b"\n")
+    out = tmp_path / "out"
+    status = preprocess_main(["--input", good, "--output-prefix", str(out / "x"), "--tokenizer-model",
+                              tokenizer_model, "--distributed", "off", "--log-interval", "1000"])
+    assert status == 2
+    assert f"preprocess_data: error: {out / output}: cannot write it: {why}\n" in capsys.readouterr().err
+    assert_nothing_left(str(out))
+
+
+def test_full_disk_in_a_ranks_part_names_the_part(tmp_path, monkeypatch):
+    _fail_writes(monkeypatch, preprocess_mpi, errno.ENOSPC, ".tokens")
+    part = PartWriter(str(tmp_path), "part0", np.uint16)
+    with pytest.raises(OutputWriteError, match=re.escape(f"{tmp_path}/part0.tokens: cannot write it: no space")) \
+            as caught:
+        part.add_documents(np.arange(1, 5), np.array([4]))
+    assert isinstance(caught.value, UserError) and caught.value.errno == errno.ENOSPC
+    part.close()

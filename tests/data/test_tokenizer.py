@@ -16,6 +16,7 @@ import sentencepiece as spm
 
 from megadoremi.data.demo_corpus import make_demo_corpus
 from megadoremi.data.tokenizer import Tokenizer, resolve_domain_files, train_tokenizer
+from megadoremi.utils.cli import UserError
 
 VOCAB_SIZE = 1000
 
@@ -225,12 +226,14 @@ def test_resolve_domain_files_handles_globs_folders_and_duplicates(tmp_path):
 
 def test_tokenizer_file_errors_name_the_path(tmp_path):
     missing = str(tmp_path / "nope.model")
-    with pytest.raises(FileNotFoundError, match="nope.model"):
+    with pytest.raises(FileNotFoundError, match="nope.model") as error:
         Tokenizer(missing)
+    assert isinstance(error.value, UserError)  # a command reports it in one line and exits 2
     corrupt = tmp_path / "corrupt.model"
     corrupt.write_bytes(b"this is not a protobuf \xff\xfe")
-    with pytest.raises(ValueError, match="corrupt.model"):
+    with pytest.raises(ValueError, match="corrupt.model") as error:
         Tokenizer(str(corrupt))
+    assert isinstance(error.value, UserError)
     empty = tmp_path / "empty.model"
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="empty.model"):
@@ -325,5 +328,5 @@ def test_cli_trains_and_reports_errors(corpus_dir, repo_root, tmp_path):
     missing = str(tmp_path / "absent.jsonl")
     done = subprocess.run(command[:2] + ["--input", missing, "--model-prefix", prefix], capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 1
-    assert missing in done.stderr
+    assert done.returncode == 2  # a user error: one line naming the file, no traceback
+    assert done.stderr.strip().splitlines() == [f"train_tokenizer: error: input file not found: {missing}"]

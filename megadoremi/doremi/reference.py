@@ -18,6 +18,7 @@ from megadoremi.data.batches import collate
 from megadoremi.data.stream import TrainStreamSpec, build_train_stream
 from megadoremi.model.gpt import GPT, GPTConfig, token_losses
 from megadoremi.model.io import load_exported_model, model_file_path
+from megadoremi.utils.cli import UserError
 from megadoremi.utils.fs import atomic_output, remove_quietly, temp_path_for
 from megadoremi.utils.logging import get_logger
 
@@ -34,16 +35,21 @@ def file_md5(path: str, chunk_bytes: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+
+class ReferenceInputError(UserError, ValueError):
+    """A reference model or reference-loss cache that does not fit this run; the message names the file."""
+
+
 def check_reference_config(reference: GPTConfig, proxy: GPTConfig, path: str) -> None:
     """The reference must have the proxy's vocabulary and shape; say which field differs."""
     if reference.vocab_size != proxy.vocab_size:
-        raise ValueError(
+        raise ReferenceInputError(
             f"doremi.reference_model: {path} has vocabulary size {reference.vocab_size}, this run's tokenizer has "
             f"{proxy.vocab_size}; excess losses (and DoReMi weights) do not transfer across vocabularies"
         )
     for field in ("num_layers", "num_heads", "head_dim", "d_model", "ffn_dim", "mlp", "norm", "tied_embeddings"):
         if getattr(reference, field) != getattr(proxy, field):
-            raise ValueError(
+            raise ReferenceInputError(
                 f"doremi.reference_model: {path} has {field}={getattr(reference, field)!r}, the proxy has "
                 f"{getattr(proxy, field)!r}; train the reference with the proxy's model preset"
             )
@@ -90,21 +96,22 @@ class CachedReference:
     def __init__(self, path: str, expected_identity: dict, reference_md5: str | None):
         meta_path = path + ".json"
         if not os.path.exists(meta_path) or not os.path.exists(path + ".npy"):
-            raise FileNotFoundError(f"doremi.reference_losses: {path}.npy/.json not found (compute it with "
-                                    "tools/compute_reference_losses.py)")
+            raise ReferenceInputError(f"doremi.reference_losses: {path}.npy/.json not found (compute it with "
+                                      "tools/compute_reference_losses.py)")
         with open(meta_path) as handle:
             meta = json.load(handle)
         if meta.get("version") != CACHE_FORMAT_VERSION:
-            raise ValueError(f"doremi.reference_losses: {meta_path}: cache version {meta.get('version')} (this "
-                             f"version reads {CACHE_FORMAT_VERSION}); recompute it")
+            raise ReferenceInputError(f"doremi.reference_losses: {meta_path}: cache version {meta.get('version')} "
+                                      f"(this version reads {CACHE_FORMAT_VERSION}); recompute it")
         expected = json.loads(json.dumps(expected_identity))
         if expected != meta["stream"]:
             diff = sorted(k for k in set(expected) | set(meta["stream"]) if meta["stream"].get(k) != expected.get(k))
-            raise ValueError(f"doremi.reference_losses: {path} was computed for another training stream "
-                             f"(differs in {diff}); recompute it")
+            raise ReferenceInputError(f"doremi.reference_losses: {path} was computed for another training "
+                                      f"stream (differs in {diff}); recompute it")
         if reference_md5 is not None and meta["reference_md5"] != reference_md5:
-            raise ValueError(f"doremi.reference_losses: {path} was computed with another reference model "
-                             f"(md5 {meta['reference_md5']}, doremi.reference_model has {reference_md5})")
+            raise ReferenceInputError(f"doremi.reference_losses: {path} was computed with another reference "
+                                      f"model (md5 {meta['reference_md5']}, doremi.reference_model has "
+                                      f"{reference_md5})")
         self.losses_array = np.load(path + ".npy", mmap_mode="r")
 
     def losses(self, batch: dict) -> torch.Tensor:
@@ -124,8 +131,8 @@ def build_reference(doremi, model_config: GPTConfig, stream_identity: dict, devi
     if doremi.reference_model:
         path = model_file_path(doremi.reference_model)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"doremi.reference_model: {path} not found (a finished reference run "
-                                    "writes RUN_DIR/model.pt)")
+            raise ReferenceInputError(f"doremi.reference_model: {path} not found (a finished reference run "
+                                      "writes RUN_DIR/model.pt)")
         reference_md5 = file_md5(path)
     if doremi.reference_losses:
         return CachedReference(doremi.reference_losses, stream_identity, reference_md5)

@@ -8,19 +8,23 @@ import json
 import logging
 import os
 import sys
+import traceback
 
 import yaml
 
-# Exit status after a SIGUSR1/SIGTERM checkpoint: "not finished, run me again" (sysexits' EX_TEMPFAIL).
-# slurm/common.sh requeues the job on it; the requeued job resumes from the checkpoint (--resume auto).
-EXIT_REQUEUE = 75
+# Exit statuses (megadoremi.utils.cli): 2 a user-input error (one line), 3 the run diverged, 75 checkpointed after
+# SIGUSR1/SIGTERM, "not finished, run me again" (slurm/common.sh requeues the job on it; the requeued job resumes
+# from the checkpoint with --resume auto).
+from megadoremi.utils.cli import EXIT_DIVERGED, EXIT_REQUEUE, UserError, debug_requested
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="megadoremi-train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="experiment YAML")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, exit")
-    parser.add_argument("--resume", help="auto (latest complete checkpoint), none, or a checkpoint directory")
+    parser.add_argument("--resume", help="auto (the newest sound complete checkpoint), none, a step number, or a "
+                                         "checkpoint directory")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user-input error too")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     overrides = []
@@ -41,6 +45,7 @@ def main(argv=None) -> int:
 
     prepare_process_environment()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    debug = args.debug or debug_requested([])[0]
     try:
         config = load_config(args.config, overrides)
         env = discover_environment()
@@ -62,6 +67,7 @@ def main(argv=None) -> int:
         return 2
 
     from megadoremi.distributed.env import init_distributed
+    from megadoremi.train.health import TrainingDiverged
     from megadoremi.train.trainer import Trainer
     from megadoremi.utils.logging import configure_logging
 
@@ -75,8 +81,11 @@ def main(argv=None) -> int:
         # still talks to it makes gloo abort the process ("terminate called without an active exception").
         dist.barrier()
     except ConfigError as error:
-        print(f"megadoremi-train: config error: {error}", file=sys.stderr)
-        return 2
+        return _leave(f"megadoremi-train: config error: {error}", 2, error if debug else None)
+    except UserError as error:
+        return _leave(f"megadoremi-train: error: {error}", 2, error if debug else None)
+    except TrainingDiverged as error:
+        return _leave(f"megadoremi-train: {error}", EXIT_DIVERGED, error if debug else None)
     if summary["status"] == "stopped" and summary.get("signal"):
         code = EXIT_REQUEUE
     else:
@@ -84,6 +93,18 @@ def main(argv=None) -> int:
     # Everything is written and closed. Leave without running C++ static destructors: tearing down gloo's
     # process group at interpreter exit still aborted a rank now and then (std::terminate from a joinable
     # thread), turning a finished run into a failure.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _leave(message: str, code: int, error: BaseException | None) -> int:
+    """Report a user error or divergence in one line (with its traceback under --debug) and leave at once: the
+    other ranks raised the same error, and tearing down gloo at interpreter exit can abort (see above)."""
+    if error is not None:
+        traceback.print_exception(error)
+    print(message, file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

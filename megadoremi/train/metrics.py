@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+from megadoremi.utils import jsonio
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -26,7 +27,7 @@ class MetricsWriter:
 
     def _append(self, name: str, record: dict) -> None:
         with open(os.path.join(self.run_dir, name), "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(jsonio.dumps(record) + "\n")
 
     def _scalars(self, prefix: str, record: dict, step: int) -> None:
         if self._tb is None:

@@ -11,7 +11,6 @@ objective's, the mixture's and the stream's state).
 
 import json
 import os
-import signal
 import time
 
 import torch
@@ -27,6 +26,7 @@ from megadoremi.distributed.engine import build_ds_config, build_engine
 from megadoremi.distributed.env import DistributedEnv
 from megadoremi.distributed.plan import BatchPlan
 from megadoremi.distributed.stats import DomainStats
+from megadoremi.distributed.watchdog import LauncherWatchdog, StopFlag
 from megadoremi.model.gpt import token_losses
 from megadoremi.train import checkpoint as ckpt
 from megadoremi.train.build import build_mixture, build_model_config, build_objective, build_stream_spec
@@ -34,24 +34,13 @@ from megadoremi.train.evaluation import evaluate_domains
 from megadoremi.train.export import export_model
 from megadoremi.train.metrics import MetricsWriter, truncate_jsonl
 from megadoremi.train.objective import PipelineLoss, pipeline_items
-from megadoremi.utils.fs import atomic_output
+from megadoremi.train.health import DIVERGED_FILE, DivergenceGuard
+from megadoremi.train.run_lock import lock_run_directory
+from megadoremi.utils import jsonio
+from megadoremi.utils.fs import atomic_output, remove_quietly
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
-
-
-class _StopFlag:
-    """Set by SIGUSR1 / SIGTERM (Slurm's warning before a time limit or preemption)."""
-
-    def __init__(self):
-        self.raised = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, _frame):
-        self.raised = signal.Signals(signum).name
 
 
 class Trainer:
@@ -65,8 +54,11 @@ class Trainer:
         self.run_dir = config.run_dir
         self.checkpoint_dir = os.path.join(self.run_dir, "checkpoints")
         self.ds_config = build_ds_config(config.train, config.parallel, plan, cuda)
-        self.stop_flag = _StopFlag()
+        self.stop_flag = StopFlag()
         self.next_step = 0  # the optimizer step ``step()`` trains next
+        self.run_lock = None
+        self.divergence = DivergenceGuard(config.train.divergence_patience, self.run_dir, self.rank)
+        self.last_checkpoint = None
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -77,12 +69,17 @@ class Trainer:
     def setup(self) -> None:
         """Run directory, data, engine, objective, mixture, metrics; resume from a checkpoint if there is one."""
         config = self.config
+        self.run_lock = lock_run_directory(self.run_dir, self.rank)
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
+            remove_quietly(os.path.join(self.run_dir, DIVERGED_FILE))
             save_config(config, os.path.join(self.run_dir, "config.yaml"))
             with atomic_output(os.path.join(self.run_dir, "ds_config.json"), "w") as handle:
                 json.dump({**self.ds_config, "megadoremi_batch_plan": self.plan.to_dict()}, handle, indent=2)
         self._barrier()
+        # Verified (and its layout checked) before anything is built: a damaged checkpoint fails fast.
+        self.resume_from = ckpt.choose_checkpoint(config.checkpoint.resume, self.checkpoint_dir, self.rank,
+                                                  self.plan.world_size, config.checkpoint.verify, self.layout)
         self.mixture = build_mixture(config, self.rank, self.device)
         self.stream_spec = build_stream_spec(config, self.plan, self.mixture)
         self.domain_names = self.stream_spec.domain_names
@@ -103,9 +100,12 @@ class Trainer:
         self.stats = DomainStats(len(self.domain_names), self.device)
         self.batches = TrainBatches(self.stream, self.plan, self.trained.data_parallel_rank)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
-        resume_from = ckpt.resolve_resume(config.checkpoint.resume, self.checkpoint_dir)
-        if resume_from:
-            self._resume(resume_from)
+        if self.resume_from:
+            self._resume(self.resume_from)
+        if self.rank == 0:  # a resumed run rewrites the steps after its checkpoint; a fresh one starts the files
+            for name in ("metrics.jsonl", "eval.jsonl", self.objective.log_name, self.mixing_log_name):
+                if name:
+                    truncate_jsonl(os.path.join(self.run_dir, name), self.next_step)
         logger.info(
             "model %s: %.1fM parameters | world %d = %d pipeline x %d data-parallel | global batch %d x %d tokens"
             " | ZeRO %d | %s | mixing %s | objective %s", config.model.preset,
@@ -114,8 +114,14 @@ class Trainer:
             config.parallel.zero_stage, "bf16" if self.trained.bf16 else "fp32", self.mixture.method,
             self.objective.name)
 
+    @property
+    def layout(self) -> dict:
+        return {"world_size": self.plan.world_size, "zero_stage": self.config.parallel.zero_stage,
+                "pipeline_stages": self.plan.pipeline_stages, "data_parallel_size": self.plan.data_parallel_size}
+
     def _resume(self, path: str) -> None:
         state = ckpt.load_checkpoint(self.engine, path, self.rank)
+        self.last_checkpoint = path
         if state["global_batch_size"] != self.plan.global_batch_size:
             raise ConfigError(
                 f"{path}: checkpoint was written with global batch {state['global_batch_size']}, "
@@ -132,10 +138,6 @@ class Trainer:
             self.stream.load_state_dict(mixing["stream"], self.next_step)
         except ValueError as error:
             raise ConfigError(f"{path}: {error}") from None
-        if self.rank == 0:
-            for name in ("metrics.jsonl", "eval.jsonl", self.objective.log_name, self.mixing_log_name):
-                if name:
-                    truncate_jsonl(os.path.join(self.run_dir, name), self.next_step)
 
     @property
     def mixing_log_name(self) -> str | None:
@@ -161,6 +163,8 @@ class Trainer:
                 self.stats.add(losses, batch["domain_ids"])
                 self.engine.backward(self.objective.loss(losses, batch))
                 self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        self.last_grad_norm = None if grad_norm is None else float(grad_norm)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         trained = time.perf_counter()
@@ -189,7 +193,7 @@ class Trainer:
 
     def _append(self, name: str, line: dict) -> None:
         with open(os.path.join(self.run_dir, name), "a") as handle:
-            handle.write(json.dumps(line) + "\n")
+            handle.write(jsonio.dumps(line) + "\n")
 
     def _log(self, record: dict) -> None:
         if self.rank == 0 and self.objective.log_name:
@@ -200,9 +204,9 @@ class Trainer:
         step, steps = record["step"], self.config.train.steps
         if step % self.config.train.log_interval and step != steps:
             return
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.last_grad_norm
         if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+            record["grad_norm"] = grad_norm
         self.metrics.train(record)
         logger.info("step %d/%d | loss %.4f | lr %.3e | %.0f tokens/s%s", step, steps, record["loss"], record["lr"],
                     record["tokens_per_second"], f" | grad norm {float(grad_norm):.3f}" if grad_norm is not None else "")
@@ -220,20 +224,24 @@ class Trainer:
                         record["val_loss_worst"], " ".join(f"{k} {v:.3f}" for k, v in record["val_loss"].items()))
         return record
 
-    def stop_requested(self) -> bool:
-        """Whether any rank received SIGUSR1 / SIGTERM (collective)."""
-        flag = torch.tensor([1.0 if self.stop_flag.raised else 0.0], device=self.device)
+    def stop_requested(self, nonfinite: bool = False) -> tuple[bool, bool]:
+        """(whether any rank received SIGUSR1 / SIGTERM or lost its launcher, whether any rank saw a non-finite
+        loss or gradient norm): one all-reduce (collective)."""
+        flags = torch.tensor([1.0 if self.stop_flag.raised else 0.0, float(nonfinite)], device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, bad = flags.tolist()
+        return stop > 0, bad > 0
 
     def save(self, step: int) -> None:
         state = {"step": step, "samples_consumed": step * self.plan.global_batch_size,
                  "global_batch_size": self.plan.global_batch_size, "domain_names": self.domain_names,
                  "objective": {"name": self.objective.name, "state": self.objective.state_dict()},
                  "mixing": {"policy": self.mixture.state_dict(), "stream": self.stream.state_dict()}}
-        ckpt.save_checkpoint(self.engine, self.checkpoint_dir, step, state, self.rank,
-                             self.config.checkpoint.keep_last, self._barrier)
+        state["layout"] = self.layout
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.engine, self.checkpoint_dir, step, state, self.rank, self.plan.world_size,
+            self.config.checkpoint.keep_last, self._barrier, hashing=self.config.checkpoint.verify)
 
     # --- the run ---------------------------------------------------------------------------------------
 
@@ -241,16 +249,32 @@ class Trainer:
         """Train to ``train.steps`` (or until a stop signal); returns a summary."""
         # Install the handlers first: a SIGUSR1 during set-up is then acted on after the first step.
         self.stop_flag.install()
-        self.setup()
+        LauncherWatchdog(self.stop_flag.request).start()
+        try:
+            self.setup()
+            return self._train()
+        finally:
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close()
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _train(self) -> dict:
         config, steps = self.config, self.config.train.steps
         summary = {"status": "running", "start_step": self.next_step}
         record = None
         while self.next_step < steps:
             record = self.step()
             step = self.next_step
+            stop, nonfinite = self.stop_requested(
+                self.divergence.nonfinite(record, self.last_grad_norm, self.engine.was_step_applied()))
+            if self.divergence.observe(nonfinite, record, self.last_grad_norm, self.last_checkpoint, step == steps):
+                if stop:  # nothing non-finite is checkpointed: a requeued run resumes from the last good one
+                    summary.update(status="stopped", step=step, signal=self.stop_flag.raised)
+                    break
+                continue
             if config.eval.interval and step % config.eval.interval == 0 and step < steps:
                 self.evaluate(step)
-            stop = self.stop_requested()
             exit_now = bool(config.train.exit_interval and step % config.train.exit_interval == 0 and step < steps)
             if (config.checkpoint.interval and step % config.checkpoint.interval == 0) or stop or exit_now \
                     or step == steps:
@@ -271,6 +295,5 @@ class Trainer:
                 export_model(self.trained, self.run_dir, self.rank)
         if self.rank == 0 and summary["status"] == "completed":
             with atomic_output(os.path.join(self.run_dir, "final.json"), "w") as handle:
-                json.dump(summary, handle, indent=1)
-        self.metrics.close()
+                jsonio.dump(summary, handle, indent=1)
         return summary

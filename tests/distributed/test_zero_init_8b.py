@@ -1,8 +1,8 @@
 """ZeRO-3 partitioning of the 8B preset's layers, on 2 CPU ranks (gloo), through deepspeed.zero.Init.
 
-The model is the 8B preset's width (d_model 4096, FFN 24576, 32 heads of 128) at reduced depth (2 layers) and a
-32000-token vocabulary instead of the paper's 256k, so that a full fp32 copy is 0.67B parameters = 2.7 GB rather
-than 39 GB. Memory held: the two ranks' halves (one full copy together), one plain full copy on rank 0 for the
+The model is the 8B preset's width (d_model 4096, FFN 24576, 32 heads of 128) at reduced depth (one layer: every
+kind of parameter the 32 layers have) and a 32000-token vocabulary instead of the paper's 256k, so that a full fp32
+copy is 0.40B parameters = 1.6 GB rather than 39 GB. Memory held: the two ranks' halves (one full copy together), one plain full copy on rank 0 for the
 comparison, and one gathered parameter at a time (at most the 0.5 GB embedding) on each rank.
 
 What is checked: every parameter is partitioned (``ds_numel`` = full size, ``ds_tensor`` = ceil(numel / 2) on each
@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 NUM_RANKS = 2
-NUM_LAYERS = 2
+NUM_LAYERS = 1
 VOCAB_SIZE = 32000
 SEED = 1234
 

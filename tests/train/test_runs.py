@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from megadoremi.train.checkpoint import COMPLETE_MARKER, complete_checkpoints, resolve_resume
+from megadoremi.train.checkpoint import COMPLETE_MARKER, CheckpointError, complete_checkpoints, resolve_resume
 from tests.helpers.launch import REPO_ROOT, clean_env, losses, read_jsonl, run_training, train_command, write_config
 
 
@@ -92,21 +92,26 @@ def test_incomplete_checkpoint_is_never_resumed(tmp_path):
     (checkpoints / "step_00000008" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
     assert resolve_resume("auto", str(checkpoints)).endswith("step_00000004")
     assert resolve_resume("none", str(checkpoints)) is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume(str(checkpoints / "step_00000008"), str(checkpoints))
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "mpiexec"])
-def test_launchers_form_the_same_group(config, tmp_path, launcher):
-    """deepspeed and mpiexec give the same 2-rank group as torchrun: same world size, same losses."""
-    reference = str(tmp_path / "torchrun")
+@pytest.fixture(scope="module")
+def torchrun_losses(config, tmp_path_factory):
+    reference = str(tmp_path_factory.mktemp("torchrun"))
     run_training("torchrun", 2, config, [f"--run_dir={reference}", "--train.steps=3"])
+    return losses(reference)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpiexec"])
+def test_launchers_form_the_same_group(config, tmp_path, launcher, torchrun_losses):
+    """deepspeed and mpiexec give the same 2-rank group as torchrun: same world size, same losses."""
     run_dir = str(tmp_path / launcher)
     result = run_training(launcher, 2, config, [f"--run_dir={run_dir}", "--train.steps=3"])
     assert "world 2 = 1 pipeline x 2 data-parallel" in result.stderr + result.stdout
     plan = json.load(open(os.path.join(run_dir, "ds_config.json")))["megadoremi_batch_plan"]
     assert plan["world_size"] == 2 and plan["data_parallel_size"] == 2
-    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=1e-6)
+    np.testing.assert_allclose(losses(run_dir), torchrun_losses, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +137,30 @@ def test_launchers_form_the_same_group(config, tmp_path, launcher):
          "mixing.schedule /no/such/schedule.json: cannot read it"),
     ],
 )
-def test_config_errors_are_one_clear_message(config, overrides, message):
+def test_config_errors_are_one_clear_message(config, overrides, message, capsys):
+    """In process (the command's main, which returns before any process group exists); the real command line in
+    the next test."""
+    from megadoremi.train.__main__ import main
+
+    saved = dict(os.environ)
+    try:
+        assert main([config, *overrides]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    stderr = capsys.readouterr().err
+    assert message in stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.stepz=3"], "unknown key train.stepz"),
+    (["--train.lr=.inf"], "train.lr: must be a finite number"),
+    (["--data.weights=/no/such/weights.json"], "/no/such/weights.json"),
+    (["--data.domains={a: /no/such/prefix_text_document, b: /no/such/other}"], "/no/such/prefix_text_document"),
+])
+def test_config_errors_from_the_command_line(config, overrides, message):
     result = run_training("python", 1, config, overrides, check=False, timeout_s=120)
     assert result.returncode == 2
     assert message in result.stderr

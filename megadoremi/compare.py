@@ -1,6 +1,6 @@
 """Mixing methods side by side: per (method, seed) results from the main runs' outputs, paired statistics against
-the anchor (stratified) run of the same seed, the comparison's section of report.md, and a PNG of the
-validation-loss curves.
+the anchor (stratified) run of the same seed, the workflow's report.md (``render_report``) with its comparison
+section, and a PNG of the validation-loss curves.
 
 Differences between methods are judged against seed noise: for each method, the per-seed paired difference to
 the anchor on the average and the worst-domain validation loss, their mean and standard error over seeds
@@ -176,3 +176,71 @@ def plot_curves(results: dict, path: str) -> str | None:
         figure.savefig(handle, format="png", dpi=110)
     plt.close(figure)
     return path
+
+
+def summarize(losses: dict[str, float]) -> tuple[float, float, str]:
+    worst = max(losses, key=losses.get)
+    return sum(losses.values()) / len(losses), losses[worst], worst
+
+
+def render_report(names, rounds, baseline_weights, evaluation, args, anchor: str = "stratified",
+                  runs: dict | None = None, comparison: list[str] | None = None, results: dict | None = None) -> str:
+    """report.md: weights per round, per-domain validation loss of the baseline and DoReMi main models, average
+    and worst, and (``comparison``) the mixing methods side by side over seeds."""
+    final = rounds[-1]["alpha_bar"]
+    lines = ["# DoReMi report\n",
+             f"Proxy and reference: `{args.preset}`; main models: `{args.main_preset or args.preset}`; "
+             f"{args.steps} steps each, {args.nproc} ranks, sequence length {args.seq_length}. "
+             f"Reference mixture: {args.reference_weights}. Rounds run: {len(rounds)}.\n",
+             "## Domain weights\n",
+             "| domain | baseline (alpha_ref, round 1) | " + " | ".join(
+                 f"round {r['round']} alpha_bar" for r in rounds) + " |",
+             "|---|---|" + "---|" * len(rounds)]
+    for name in names:
+        lines.append(f"| {name} | {baseline_weights[name]:.4f} | " + " | ".join(
+            f"{r['alpha_bar'][name]:.4f}" for r in rounds) + " |")
+    down = [n for n in names if final[n] < baseline_weights[n]]
+    lines += ["", "Round convergence (max |alpha_bar - alpha_ref|): " + ", ".join(
+        f"round {r['round']}: {r['max_change']:.4g}" for r in rounds) + "\n",
+              f"Weights file: `{rounds[-1]['weights_file']}`; Megatron `--data-path` line: "
+              f"`{os.path.join(os.path.dirname(rounds[-1]['weights_file']), 'data_path.txt')}`.\n"]
+    if evaluation is None:
+        lines += [f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}. "
+                  "Main models not trained (--skip-main).\n"]
+        return "\n".join(lines)
+    if "doremi" not in evaluation:
+        return "\n".join(lines + (comparison or []))
+    baseline, doremi = evaluation["baseline"], evaluation["doremi"]
+    seeds = f" (mean over {args.seeds} seeds)" if args.seeds > 1 else ""
+    lines += [f"## Validation loss of the main models (per token, nats){seeds}\n"]
+    if runs:
+        same = os.path.basename(runs[anchor]) == "reference"
+        lines += [f"Runs (seed {args.seed}): baseline = {anchor} `{runs[anchor]}`" + (
+            " (the round-1 reference: with the same preset, mixture, steps and seed the baseline main model is "
+            "the same training run, so it is not trained twice)" if same else "")
+            + f", DoReMi `{runs['doremi']}`.\n"]
+    lines += ["| domain | baseline | DoReMi | DoReMi - baseline (paired over seeds: mean ± SE) |", "|---|---|---|---|"]
+    for name in names:
+        cell = paired(results, "doremi", anchor, "val_loss", domain=name)
+        se = "" if math.isnan(cell["se"]) else f" ± {cell['se']:.4f}"
+        lines.append(f"| {name} | {baseline[name]:.4f} | {doremi[name]:.4f} | {cell['mean']:+.4f}{se} |")
+    average, worst = (paired(results, "doremi", anchor, key) for key in ("average", "worst"))
+    base_avg, base_worst, base_worst_name = summarize(baseline)
+    dor_avg, dor_worst, dor_worst_name = summarize(doremi)
+    se_text = {key: "" if math.isnan(d["se"]) else f" ± {d['se']:.4f}" for key, d in (("avg", average),
+                                                                                       ("worst", worst))}
+    lines += [f"| **average** | {base_avg:.4f} | {dor_avg:.4f} | {average['mean']:+.4f}{se_text['avg']} |",
+              f"| **worst** | {base_worst:.4f} ({base_worst_name}) | {dor_worst:.4f} ({dor_worst_name}) | "
+              f"{worst['mean']:+.4f}{se_text['worst']} |", ""]
+    better_domains = sum(doremi[n] < baseline[n] for n in names)
+    spread = mean_std([results[anchor][s]["average"] for s in sorted(results[anchor])])[1]
+    lines += ["## Verdict\n",
+              f"DoReMi against the baseline, paired by training seed ({args.seeds} seed(s); a difference counts at "
+              f"two standard errors): average validation loss {dor_avg:.4f} vs {base_avg:.4f}: "
+              f"**{verdict(average)}**; worst domain {dor_worst:.4f} vs {base_worst:.4f}: "
+              f"**{verdict(worst)}**. DoReMi is lower on {better_domains} of {len(names)} domains. "
+              f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}."
+              + (f" Seed spread of the baseline's average: std {spread:.4f}." if args.seeds > 1 else
+                 " One training seed: differences smaller than the seed-to-seed spread cannot be told from noise "
+                 "(`--seeds 3` measures it).") + "\n"]
+    return "\n".join(lines + (comparison or []))

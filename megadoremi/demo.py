@@ -3,7 +3,8 @@
 Generates the demo corpus (6 domains from what every Python installation has) into WORKDIR/corpus, then runs
 ``megadoremi-pipeline`` on it: tokenizer, preprocessing, reference, DRO proxy, and the baseline and DoReMi main
 models, printing the weights table and the per-domain validation losses (also in WORKDIR/report.md). Every
-phase is skipped when complete, so a rerun resumes where an interrupted one stopped.
+phase is skipped when complete with the same inputs, so a rerun resumes where an interrupted one stopped. Exit
+statuses as ``megadoremi-pipeline``'s (2: a user-input error, one line; ``--debug`` shows its traceback).
 """
 
 import argparse
@@ -12,10 +13,12 @@ import sys
 
 from megadoremi import workflow
 from megadoremi.data.demo_corpus import make_demo_corpus
+from megadoremi.utils.cli import run_cli
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_demo(argv: list[str]) -> int:
+    """Make the demo corpus if WORKDIR has none, then run the workflow on it."""
+    parser = argparse.ArgumentParser(prog="megadoremi-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo_workdir")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--nproc", type=int, default=2)
@@ -24,8 +27,14 @@ def main(argv=None) -> int:
     corpus = os.path.join(args.workdir, "corpus")
     if not (os.path.isdir(corpus) and any(name.endswith(".jsonl") for name in os.listdir(corpus))):
         make_demo_corpus(corpus, seed=0)
-    return workflow.main(["--corpus", corpus, "--workdir", args.workdir, "--steps", str(args.steps),
-                          "--nproc", str(args.nproc), "--rounds", str(args.rounds), *extra])
+    return workflow.run_pipeline(["--corpus", corpus, "--workdir", args.workdir, "--steps", str(args.steps),
+                                  "--nproc", str(args.nproc), "--rounds", str(args.rounds), *extra],
+                                 prog="megadoremi-demo")
+
+
+def main(argv=None) -> int:
+    """``megadoremi-demo`` (``make demo``): user-input errors are one line and exit 2."""
+    return run_cli("megadoremi-demo", run_demo, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The DoReMi workflow end to end from a folder of per-domain jsonl files (console script ``megadoremi-pipeline``).
 
     megadoremi-pipeline --corpus DIR --workdir DIR [--preset tiny] [--nproc 2] [--steps N] [--rounds R]
-                        [--skip-main] [--methods stratified,natural,doremi,ado,odm] [--seeds N]
+                        [--skip-main] [--methods stratified,natural,doremi,ado,odm] [--seeds N] [--debug]
 
 Phases, each a normal training run in its own run directory (resumable, launched with torchrun / mpiexec /
-deepspeed), each skipped when its outputs are complete:
+deepspeed):
   tokenizer -> preprocess every domain -> per round r: reference on alpha_ref, DRO proxy -> alpha_bar
   (round r+1 uses alpha_bar as its alpha_ref; stops early when max |alpha_bar - alpha_ref| < 1e-3)
   -> main models with the same budget, one per method and seed (``runs/main/METHOD/seedS``): the baseline (the
@@ -12,31 +12,70 @@ deepspeed), each skipped when its outputs are complete:
   the last alpha_bar; ado, odm: online mixing in the main run, ``--set mixing.KEY=VALUE`` reaches them)
   -> WORKDIR/eval.json, results.jsonl, report.md, validation_curves.png (``--skip-main``: stop after the
   weights; report.md has them). The DoReMi weights are computed once and reused for every seed.
+
+The corpus folder holds one ``<domain>.jsonl[.gz]`` per domain; a domain name with whitespace is refused (a
+Megatron ``--data-path`` line splits on it) and every other entry of the folder is listed in a warning.
+
+Reuse. Every phase records a fingerprint of its inputs next to its outputs (``megadoremi.phases``): the
+tokenizer (WORKDIR/tokenizer.fingerprint.json: the corpus files' sizes and mtimes, the vocabulary size), each
+domain's dataset (data/DOMAIN_text_document.fingerprint.json: that domain's corpus files, the tokenizer's sha256,
+the preprocessing settings), each training run (RUN_DIR/phase_fingerprint.json: every field of the phase config
+as written, the number of ranks, the sha256 of the tokenizer and weights files, the datasets' fingerprints, and
+for a proxy the identity of its reference run). A phase is reused (or, unfinished, resumed from its checkpoint)
+only when its recorded inputs equal the current ones; otherwise it is redone, and so is every phase downstream
+(their inputs include what it wrote), and the log says which inputs changed. A tokenizer or dataset is rebuilt
+in place. A training run directory whose inputs changed is moved aside to ``RUN_DIR.stale-YYYYmmdd-HHMMSS``,
+never deleted and never resumed from (delete it once you do not need it). A run directory without a fingerprint
+(a workdir from an older megadoremi, or one made by hand) cannot be shown to match, so it is treated as changed:
+moved aside and retrained; older tokenizers and datasets are rebuilt.
+
+Each training phase's output (every rank's log lines) is appended to RUN_DIR/launch.log as it is echoed.
+
+Exit status: 0; 2 for a user-input error (corpus, tokenizer, options, ``--set``, a phase config the trainer would
+refuse), one line on stderr (``--debug``: with the traceback). A failed phase stops the workflow before any later
+phase with one line naming its run directory, and megadoremi-pipeline exits with the phase's own status: 3 when
+it diverged (non-finite loss or gradient norm: the trainer exited 3 or wrote RUN_DIR/diverged.json), 75 when it
+checkpointed and stopped on a signal (rerun to resume), 128 + N when killed by signal N, else the trainer's status
+(1: it crashed; its traceback is in launch.log). When the launcher exits 1 for any failed rank (torchrun), the
+rank's status is read from the launcher's failure summary.
 """
 
 import argparse
-import glob
 import json
-import math
+import logging
 import os
-import subprocess
 import sys
 
 import yaml
 
-from megadoremi import compare
+from megadoremi import compare, phases
+from megadoremi.config import ConfigError, config_from_dict
 from megadoremi.data.blending import natural_weights
 from megadoremi.data.indexed_dataset import IndexedDataset
 from megadoremi.distributed.env import free_port
-from megadoremi.utils.fs import atomic_output
+from megadoremi.phases import PhaseFailed
+from megadoremi.utils.cli import UserError, run_cli
+from megadoremi.utils.fs import atomic_output, remove_quietly
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
 CONVERGENCE_TOLERANCE = 1e-3
+CORPUS_SUFFIXES = (".jsonl.gz", ".jsonl")
+_MAX_IGNORED_SHOWN = 10
 
 
-class WorkflowError(RuntimeError):
-    """A problem with the workflow's inputs, found before any training starts."""
+class WorkflowError(UserError):
+    """A problem with the workflow's inputs (corpus, tokenizer, options, ``--set``); the message names it."""
+
+
+def domain_name(filename: str) -> str | None:
+    """``web.jsonl`` / ``web.jsonl.gz`` -> ``web``; None for a name the workflow does not read (hidden, other)."""
+    if filename.startswith("."):
+        return None
+    for suffix in CORPUS_SUFFIXES:
+        if filename.endswith(suffix):
+            return filename[:-len(suffix)] or None
+    return None
 
 
 def find_domains(corpus_dir: str) -> dict[str, list[str]]:
@@ -44,9 +83,22 @@ def find_domains(corpus_dir: str) -> dict[str, list[str]]:
     if not os.path.isdir(corpus_dir):
         raise WorkflowError(f"--corpus {corpus_dir}: not a folder")
     domains: dict[str, list[str]] = {}
-    for path in sorted(glob.glob(os.path.join(corpus_dir, "*.jsonl")) + glob.glob(os.path.join(corpus_dir, "*.jsonl.gz"))):
-        name = os.path.basename(path).split(".jsonl")[0]
+    ignored = []
+    for entry in sorted(os.listdir(corpus_dir)):
+        path = os.path.join(corpus_dir, entry)
+        name = domain_name(entry) if os.path.isfile(path) else None
+        if name is None:
+            ignored.append(entry + ("/" if os.path.isdir(path) else ""))
+            continue
+        if any(char.isspace() for char in name):
+            raise WorkflowError(f"{path}: the domain name {name!r} contains whitespace, which a Megatron --data-path "
+                                "line (data_path.txt) splits on; rename the file")
         domains.setdefault(name, []).append(path)
+    if ignored:
+        more = f" and {len(ignored) - _MAX_IGNORED_SHOWN} more" if len(ignored) > _MAX_IGNORED_SHOWN else ""
+        logger.warning("--corpus %s: ignoring %d entr%s not named <domain>.jsonl[.gz] (hidden files, other names, "
+                       "folders): %s%s", corpus_dir, len(ignored), "y" if len(ignored) == 1 else "ies",
+                       ", ".join(ignored[:_MAX_IGNORED_SHOWN]), more)
     if len(domains) < 2:
         found = ", ".join(domains) or "none"
         raise WorkflowError(f"--corpus {corpus_dir}: DoReMi needs at least two domains (<domain>.jsonl[.gz] files); "
@@ -60,15 +112,42 @@ def _write_json(path: str, data) -> None:
         json.dump(data, handle, indent=1)
 
 
+def read_json(path: str):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def check_config(config: dict, where: str) -> None:
+    """Validate a phase config as the trainer will (``megadoremi.config``); WorkflowError naming the field."""
+    try:
+        config_from_dict(json.loads(json.dumps(config)))
+    except ConfigError as error:
+        raise WorkflowError(f"{where}: {error}") from None
+
+
+def parse_override(override: str) -> tuple[list[str], object]:
+    """``SECTION.KEY=VALUE`` -> (["SECTION", "KEY"], the YAML value); WorkflowError naming the override."""
+    key, equals, text = override.lstrip("-").partition("=")
+    path = key.split(".")
+    if not equals or not all(part.strip() for part in path):
+        raise WorkflowError(f"--set {override}: expected SECTION.KEY=VALUE")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise WorkflowError(f"--set {override}: the value is not valid YAML ({' '.join(str(error).split())})") from None
+    return path, value
+
+
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """``SECTION.KEY=VALUE`` overrides (YAML values) applied to a nested config dict, in place; returns it."""
     for override in overrides:
-        key, _, value = override.partition("=")
+        (*parents, leaf), value = parse_override(override)
         node = config
-        *parents, leaf = key.lstrip("-").split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise WorkflowError(f"--set {override}: {part} is not a section")
+        node[leaf] = value
     return config
 
 
@@ -94,45 +173,86 @@ class Workflow:
         if args.launcher == "python" and args.nproc != 1:
             raise WorkflowError(f"--launcher python starts one process; --nproc {args.nproc} needs torchrun, "
                                 "mpiexec or deepspeed")
+        launcher = self.launcher_executable()
+        if not os.path.exists(launcher):
+            raise WorkflowError(f"--launcher {args.launcher}: {launcher} not found (not installed in this environment)")
+        for override in args.set:
+            parse_override(override)
         self.workdir = os.path.abspath(args.workdir)
         self.domains = find_domains(args.corpus)
         self.names = list(self.domains)
+        self.anchor = "stratified" if args.reference_weights == "uniform" else "natural"
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """Validate every kind of phase config the options and ``--set`` give, with placeholder paths, before
+        anything runs: a bad value fails now as one line, not after the tokenizer and preprocessing."""
+        base = self.base_config("tokenizer.model", {name: f"{name}_text_document" for name in self.names})
+        weights = os.path.join(self.workdir, "weights.json")
+        configs = {"reference": self.reference_config(base, weights),
+                   "proxy": self.proxy_config(base, weights, os.path.join(self.workdir, "reference"))}
+        if not self.args.skip_main:
+            main_base = self.main_base(base)
+            for method in dict.fromkeys([self.anchor, *self.methods]):
+                configs[f"main {method}"] = self.method_config(method, main_base, weights)
+        for phase, config in configs.items():
+            check_config({**config, "run_dir": self.workdir}, f"the {phase} runs' config (from the options and --set)")
 
     # --- data ----------------------------------------------------------------------------------------------
 
     def tokenizer(self) -> str:
+        """The tokenizer model: ``--tokenizer-model``, or one trained on the corpus (retrained when it changed)."""
         if self.args.tokenizer_model:
-            if not os.path.exists(self.args.tokenizer_model):
+            if not os.path.isfile(self.args.tokenizer_model):
                 raise WorkflowError(f"--tokenizer-model {self.args.tokenizer_model}: not found")
             return os.path.abspath(self.args.tokenizer_model)
-        model = os.path.join(self.workdir, "tokenizer.model")
-        if not os.path.exists(model):
-            from megadoremi.data.tokenizer import train_tokenizer
+        from megadoremi.data.tokenizer import train_tokenizer
 
-            logger.info("phase tokenizer: training %d pieces on %s", self.args.vocab_size, self.args.corpus)
-            train_tokenizer(self.args.corpus, os.path.join(self.workdir, "tokenizer"), self.args.vocab_size, seed=0)
+        prefix = os.path.join(self.workdir, "tokenizer")
+        model, record = prefix + ".model", prefix + ".fingerprint.json"
+        files = [path for paths in self.domains.values() for path in paths]
+        inputs = {**phases.corpus_inputs(files), "vocab_size": self.args.vocab_size, "seed": 0}
+        reason = phases.stale_reason(record, inputs) if os.path.exists(model) else "not trained yet"
+        if reason is None:
+            logger.info("phase tokenizer: complete, reusing %s", model)
+            return model
+        level = logging.WARNING if os.path.exists(model) else logging.INFO
+        logger.log(level, "phase tokenizer: %s, training %d pieces on %s", reason, self.args.vocab_size,
+                   self.args.corpus)
+        remove_quietly(record)  # an interrupted training must not leave a matching record behind
+        try:
+            train_tokenizer(files, prefix, self.args.vocab_size, seed=0)
+        except (UserError, OSError) as error:  # a TokenizerError, an unreadable corpus file
+            raise WorkflowError(f"phase tokenizer (--corpus {self.args.corpus}, --vocab-size "
+                                f"{self.args.vocab_size}): {' '.join(str(error).split())}") from None
+        phases.write_record(record, inputs)
         return model
 
     def preprocess(self, tokenizer_model: str) -> dict[str, str]:
+        """One indexed dataset per domain, re-tokenized when its corpus files or the tokenizer changed."""
         from megadoremi.data.preprocess import PreprocessConfig
         from megadoremi.data.preprocess_mpi import run_preprocess
-        from megadoremi.data.tokenizer import Tokenizer
 
-        fingerprint = Tokenizer(tokenizer_model).fingerprint
-        stamp_path = os.path.join(self.workdir, "data", "datasets.json")
-        stamp = json.load(open(stamp_path)) if os.path.exists(stamp_path) else {}
+        tokenizer_sha256 = phases.file_sha256(tokenizer_model)
         prefixes = {}
         for name, files in self.domains.items():
             output_prefix = os.path.join(self.workdir, "data", name)
             prefix = f"{output_prefix}_text_document"
-            done = stamp.get(name) == fingerprint and IndexedDataset.exists(prefix)
-            if not done:
-                logger.info("phase preprocess: %s (%d file(s))", name, len(files))
-                run_preprocess(PreprocessConfig(inputs=files, output_prefix=output_prefix,
-                                                tokenizer_model=tokenizer_model, append_eod=True,
-                                                workers=self.args.workers, distributed="off"))
-                stamp[name] = fingerprint
-                _write_json(stamp_path, stamp)
+            record = f"{prefix}.fingerprint.json"
+            inputs = {**phases.corpus_inputs(files), "tokenizer_model sha256": tokenizer_sha256, "json_keys": ["text"],
+                      "append_eod": True}
+            reason = phases.stale_reason(record, inputs) if IndexedDataset.exists(prefix) else "not tokenized yet"
+            if reason is not None:
+                level = logging.WARNING if IndexedDataset.exists(prefix) else logging.INFO
+                logger.log(level, "phase preprocess %s: %s, tokenizing %d file(s)", name, reason, len(files))
+                remove_quietly(record)
+                try:
+                    run_preprocess(PreprocessConfig(inputs=files, output_prefix=output_prefix,
+                                                    tokenizer_model=tokenizer_model, append_eod=True,
+                                                    workers=self.args.workers, distributed="off"))
+                except (UserError, OSError) as error:  # bad or empty input (a worker that died is a bug)
+                    raise WorkflowError(f"phase preprocess {name}: {' '.join(str(error).split())}") from None
+                phases.write_record(record, inputs)
             prefixes[name] = prefix
         return prefixes
 
@@ -140,7 +260,7 @@ class Workflow:
         """Token shares of the domains' training splits (the same definition as ``mixing.prior: natural``)."""
         return dict(zip(prefixes, natural_weights(prefixes, self.args.split).tolist()))
 
-    # --- training phases -------------------------------------------------------------------------------
+    # --- phase configs ---------------------------------------------------------------------------------
 
     def base_config(self, tokenizer_model: str, prefixes: dict[str, str]) -> dict:
         args = self.args
@@ -157,45 +277,105 @@ class Workflow:
         }
         return apply_overrides(config, [o for o in args.set if not o.lstrip("-").startswith("mixing.")])
 
+    @staticmethod
+    def reference_config(base: dict, weights_file: str) -> dict:
+        return {**base, "data": {**base["data"], "weights": weights_file}}
+
+    def proxy_config(self, base: dict, weights_file: str, reference_dir: str) -> dict:
+        return {**base, "data": {**base["data"], "weights": weights_file},
+                "doremi": {"enabled": True, "reference_model": reference_dir, "step_size": self.args.step_size,
+                           "smoothing": self.args.smoothing}}
+
+    def main_base(self, base: dict) -> dict:
+        """The main models' base config: ``--main-preset`` (default: the proxy's preset)."""
+        return {**base, "model": {**base["model"], "preset": self.args.main_preset or base["model"]["preset"]}}
+
+    def method_config(self, method: str, main_base: dict, weights_file: str | None) -> dict:
+        """The main-run config of one mixing method (the seed is set by the caller); ``weights_file``: the fixed
+        mixture of stratified, natural and doremi."""
+        if method in ("stratified", "natural", "doremi"):
+            config = {**main_base, "data": {**main_base["data"], "weights": weights_file}}
+        else:
+            mixing = {"method": method}
+            if method == "odm":
+                mixing["odm"] = {"smoothing": 0.5}  # the authors' later (paper) runs; --set overrides it
+            config = {**main_base, "mixing": mixing}
+        mixing_overrides = [o for o in self.args.set if o.lstrip("-").startswith("mixing.")]
+        return apply_overrides(json.loads(json.dumps(config)), mixing_overrides)
+
+    def method_weights_file(self, method: str, prefixes: dict, final_weights: str) -> str | None:
+        """The weights file of a fixed-mixture method (written for stratified and natural); None: online."""
+        if method in ("stratified", "natural"):
+            path = os.path.join(self.workdir, "runs", "main", f"{method}_weights.json")
+            weights = {n: 1.0 / len(self.names) for n in self.names} if method == "stratified" else \
+                self.natural_weights(prefixes)
+            _write_json(path, weights)
+            return path
+        return final_weights if method == "doremi" else None
+
+    # --- training phases -------------------------------------------------------------------------------
+
     def launch(self, run_dir: str, config: dict | None) -> dict:
-        """Run one training phase (or reuse it when finished); returns its final.json. ``config`` None: the
-        phase must already be complete."""
+        """Run one training phase (or reuse it when finished with the same inputs); returns its final.json.
+        ``config`` None: the phase must already be complete (the round-1 reference as the baseline)."""
+        name = os.path.relpath(run_dir, self.workdir)
         final = os.path.join(run_dir, "final.json")
-        if os.path.exists(final):
-            logger.info("phase %s: complete, reusing", os.path.relpath(run_dir, self.workdir))
-            with open(final) as handle:
-                return json.load(handle)
         if config is None:
-            raise RuntimeError(f"phase {run_dir}: expected a finished run ({final} is missing)")
-        os.makedirs(run_dir, exist_ok=True)
+            if not os.path.exists(final):
+                raise RuntimeError(f"phase {run_dir}: expected a finished run ({final} is missing)")
+            return read_json(final)
         config = {**config, "run_dir": run_dir}
+        check_config(config, f"phase {name}")
+        inputs = phases.training_inputs(config, self.args.nproc)
+        record = os.path.join(run_dir, phases.RECORD_NAME)
+        if os.path.isdir(run_dir) and os.listdir(run_dir):
+            reason = phases.stale_reason(record, inputs)
+            if reason is None and os.path.exists(final):
+                logger.info("phase %s: complete, reusing", name)
+                return read_json(final)
+            if reason is None:
+                logger.info("phase %s: unfinished with the same inputs, resuming from its last checkpoint", name)
+            else:
+                aside = phases.set_aside(run_dir)
+                logger.warning("phase %s: %s, retraining; the previous run is kept in %s", name, reason,
+                               os.path.relpath(aside, self.workdir))
+        os.makedirs(run_dir, exist_ok=True)
         config_path = os.path.join(run_dir, "phase_config.yaml")
         with atomic_output(config_path, "w") as handle:
             yaml.safe_dump(config, handle, sort_keys=False)
-        bindir = os.path.dirname(sys.executable)
-        nproc = self.args.nproc
-        if self.args.launcher == "torchrun":
-            command = [os.path.join(bindir, "torchrun"), "--nproc-per-node", str(nproc), "--master-port",
-                       str(free_port()), "-m", "megadoremi.train", config_path]
-        elif self.args.launcher == "mpiexec":
-            command = [os.path.join(bindir, "mpiexec"), "-n", str(nproc), sys.executable, "-m", "megadoremi.train",
-                       config_path]
-        elif self.args.launcher == "deepspeed":
-            command = [os.path.join(bindir, "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-                       str(free_port()), "--module", "megadoremi.train", config_path]
-        else:
-            command = [sys.executable, "-m", "megadoremi.train", config_path]
-        logger.info("phase %s: %s", os.path.relpath(run_dir, self.workdir), " ".join(command))
+        phases.write_record(record, inputs)
+        command = self.command(config_path) + ["--resume", "auto"]
+        logger.info("phase %s: %s", name, " ".join(command))
         # One intra-op thread per usable core and rank unless the user chose (torchrun's default of 1 leaves a
         # single rank on a many-core node with one core).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc)))
-        env = {**os.environ, "OMP_NUM_THREADS": threads}
-        result = subprocess.run(command + ["--resume", "auto"], env=env)
-        if result.returncode != 0 or not os.path.exists(final):
-            raise RuntimeError(f"phase {run_dir} failed (exit status {result.returncode}); see its output above. "
-                               "Rerunning the workflow resumes it from its last checkpoint.")
-        return json.load(open(final))
+        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, cores // self.args.nproc)))
+        diverged_before = phases.file_version(os.path.join(run_dir, phases.DIVERGED_FILE))
+        returncode, output = phases.run_logged(command, {**os.environ, "OMP_NUM_THREADS": threads},
+                                               os.path.join(run_dir, phases.LAUNCH_LOG))
+        status = phases.phase_exit_status(returncode, output)
+        if status == 0 and os.path.exists(final):
+            return read_json(final)
+        raise phases.phase_failure(run_dir, status, phases.new_divergence(run_dir, diverged_before))
+
+    def launcher_executable(self) -> str:
+        """The launcher program of ``--launcher``, from this environment."""
+        if self.args.launcher == "python":
+            return sys.executable
+        return os.path.join(os.path.dirname(sys.executable), self.args.launcher)
+
+    def command(self, config_path: str) -> list[str]:
+        """The launcher's command line for one training phase."""
+        launcher, nproc = self.launcher_executable(), str(self.args.nproc)
+        if self.args.launcher == "torchrun":
+            return [launcher, "--nproc-per-node", nproc, "--master-port", str(free_port()), "-m", "megadoremi.train",
+                    config_path]
+        if self.args.launcher == "mpiexec":
+            return [launcher, "-n", nproc, sys.executable, "-m", "megadoremi.train", config_path]
+        if self.args.launcher == "deepspeed":
+            return [launcher, "--num_gpus", nproc, "--master_port", str(free_port()), "--module", "megadoremi.train",
+                    config_path]
+        return [launcher, "-m", "megadoremi.train", config_path]
 
     def run(self) -> dict:
         args = self.args
@@ -214,12 +394,8 @@ class Workflow:
             _write_json(ref_weights_path, alpha_ref)
             reference_dir = os.path.join(round_dir, "reference")
             proxy_dir = os.path.join(round_dir, "proxy")
-            self.launch(reference_dir, {**base, "data": {**base["data"], "weights": ref_weights_path}})
-            proxy = self.launch(proxy_dir, {
-                **base, "data": {**base["data"], "weights": ref_weights_path},
-                "doremi": {"enabled": True, "reference_model": reference_dir, "step_size": args.step_size,
-                           "smoothing": args.smoothing},
-            })
+            self.launch(reference_dir, self.reference_config(base, ref_weights_path))
+            proxy = self.launch(proxy_dir, self.proxy_config(base, ref_weights_path, reference_dir))
             alpha_bar = proxy["domain_weights"]
             change = max(abs(alpha_bar[name] - alpha_ref[name]) for name in self.names)
             rounds.append({"round": round_index, "alpha_ref": alpha_ref, "alpha_bar": alpha_bar,
@@ -230,41 +406,23 @@ class Workflow:
                 break
             alpha_ref = alpha_bar
         if args.skip_main:
-            report = render_report(self.names, rounds, baseline_weights, None, args)
+            report = compare.render_report(self.names, rounds, baseline_weights, None, args)
             with atomic_output(os.path.join(self.workdir, "report.md"), "w") as handle:
                 handle.write(report)
             return {"rounds": rounds, "eval": None, "report": report}
         return self.main_runs(base, prefixes, rounds, baseline_weights)
 
-    def method_config(self, method: str, main_base: dict, prefixes: dict, final_weights: str) -> dict:
-        """The main-run config of one mixing method (the seed is set by the caller)."""
-        weights_dir = os.path.join(self.workdir, "runs", "main")
-        if method in ("stratified", "natural"):
-            path = os.path.join(weights_dir, f"{method}_weights.json")
-            weights = {n: 1.0 / len(self.names) for n in self.names} if method == "stratified" else \
-                self.natural_weights(prefixes)
-            _write_json(path, weights)
-            config = {**main_base, "data": {**main_base["data"], "weights": path}}
-        elif method == "doremi":
-            config = {**main_base, "data": {**main_base["data"], "weights": final_weights}}
-        else:
-            mixing = {"method": method}
-            if method == "odm":
-                mixing["odm"] = {"smoothing": 0.5}  # the authors' later (paper) runs; --set overrides it
-            config = {**main_base, "mixing": mixing}
-        mixing_overrides = [o for o in self.args.set if o.lstrip("-").startswith("mixing.")]
-        return apply_overrides(json.loads(json.dumps(config)), mixing_overrides)
-
     def main_runs(self, base: dict, prefixes: dict, rounds: list, baseline_weights: dict) -> dict:
         """One main model per method and seed, the same budget each; eval.json, results.jsonl, report.md."""
         args = self.args
-        main_base = {**base, "model": {**base["model"], "preset": args.main_preset or base["model"]["preset"]}}
-        anchor = "stratified" if args.reference_weights == "uniform" else "natural"
+        main_base = self.main_base(base)
+        anchor = self.anchor
         methods = [anchor] + [m for m in self.methods if m != anchor]
         seeds = [args.seed + i for i in range(args.seeds)]
         results, run_dirs = {}, {}
         for method in methods:
-            config = self.method_config(method, main_base, prefixes, rounds[-1]["weights_file"])
+            weights_file = self.method_weights_file(method, prefixes, rounds[-1]["weights_file"])
+            config = self.method_config(method, main_base, weights_file)
             for seed in seeds:
                 run_dir = os.path.join(self.workdir, "runs", "main", method, f"seed{seed}")
                 if method == anchor and seed == args.seed and main_base["model"] == base["model"]:
@@ -291,7 +449,7 @@ class Workflow:
                 handle.write(json.dumps(line) + "\n")
         compare.plot_curves(results, os.path.join(self.workdir, "validation_curves.png"))
         weights = self.final_weights(methods, run_dirs, prefixes, rounds)
-        report = render_report(self.names, rounds, baseline_weights, evaluation, args, anchor=anchor,
+        report = compare.render_report(self.names, rounds, baseline_weights, evaluation, args, anchor=anchor,
                                runs={m: run_dirs[m][args.seed] for m in run_dirs}, results=results,
                                comparison=compare.render_comparison(results, anchor, weights, self.names)
                                if len(methods) > 2 or len(seeds) > 1 else None)
@@ -313,74 +471,6 @@ class Workflow:
                 runs = [json.load(open(os.path.join(d, "mixing_weights.json"))) for d in run_dirs[method].values()]
                 weights[method] = {n: sum(r[n] for r in runs) / len(runs) for n in self.names}
         return weights
-
-
-def summarize(losses: dict[str, float]) -> tuple[float, float, str]:
-    worst = max(losses, key=losses.get)
-    return sum(losses.values()) / len(losses), losses[worst], worst
-
-
-def render_report(names, rounds, baseline_weights, evaluation, args, anchor: str = "stratified",
-                  runs: dict | None = None, comparison: list[str] | None = None, results: dict | None = None) -> str:
-    """report.md: weights per round, per-domain validation loss of the baseline and DoReMi main models, average
-    and worst, and (``comparison``) the mixing methods side by side over seeds."""
-    final = rounds[-1]["alpha_bar"]
-    lines = [f"# DoReMi report\n",
-             f"Proxy and reference: `{args.preset}`; main models: `{args.main_preset or args.preset}`; "
-             f"{args.steps} steps each, {args.nproc} ranks, sequence length {args.seq_length}. "
-             f"Reference mixture: {args.reference_weights}. Rounds run: {len(rounds)}.\n",
-             "## Domain weights\n",
-             "| domain | baseline (alpha_ref, round 1) | " + " | ".join(
-                 f"round {r['round']} alpha_bar" for r in rounds) + " |",
-             "|---|---|" + "---|" * len(rounds)]
-    for name in names:
-        lines.append(f"| {name} | {baseline_weights[name]:.4f} | " + " | ".join(
-            f"{r['alpha_bar'][name]:.4f}" for r in rounds) + " |")
-    down = [n for n in names if final[n] < baseline_weights[n]]
-    lines += ["", "Round convergence (max |alpha_bar - alpha_ref|): " + ", ".join(
-        f"round {r['round']}: {r['max_change']:.4g}" for r in rounds) + "\n",
-              f"Weights file: `{rounds[-1]['weights_file']}`; Megatron `--data-path` line: "
-              f"`{os.path.join(os.path.dirname(rounds[-1]['weights_file']), 'data_path.txt')}`.\n"]
-    if evaluation is None:
-        lines += [f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}. "
-                  "Main models not trained (--skip-main).\n"]
-        return "\n".join(lines)
-    if "doremi" not in evaluation:
-        return "\n".join(lines + (comparison or []))
-    baseline, doremi = evaluation["baseline"], evaluation["doremi"]
-    seeds = f" (mean over {args.seeds} seeds)" if args.seeds > 1 else ""
-    lines += [f"## Validation loss of the main models (per token, nats){seeds}\n"]
-    if runs:
-        same = os.path.basename(runs[anchor]) == "reference"
-        lines += [f"Runs (seed {args.seed}): baseline = {anchor} `{runs[anchor]}`" + (
-            " (the round-1 reference: with the same preset, mixture, steps and seed the baseline main model is "
-            "the same training run, so it is not trained twice)" if same else "")
-            + f", DoReMi `{runs['doremi']}`.\n"]
-    lines += ["| domain | baseline | DoReMi | DoReMi - baseline (paired over seeds: mean ± SE) |", "|---|---|---|---|"]
-    for name in names:
-        cell = compare.paired(results, "doremi", anchor, "val_loss", domain=name)
-        se = "" if math.isnan(cell["se"]) else f" ± {cell['se']:.4f}"
-        lines.append(f"| {name} | {baseline[name]:.4f} | {doremi[name]:.4f} | {cell['mean']:+.4f}{se} |")
-    average, worst = (compare.paired(results, "doremi", anchor, key) for key in ("average", "worst"))
-    base_avg, base_worst, base_worst_name = summarize(baseline)
-    dor_avg, dor_worst, dor_worst_name = summarize(doremi)
-    se_text = {key: "" if math.isnan(d["se"]) else f" ± {d['se']:.4f}" for key, d in (("avg", average),
-                                                                                       ("worst", worst))}
-    lines += [f"| **average** | {base_avg:.4f} | {dor_avg:.4f} | {average['mean']:+.4f}{se_text['avg']} |",
-              f"| **worst** | {base_worst:.4f} ({base_worst_name}) | {dor_worst:.4f} ({dor_worst_name}) | "
-              f"{worst['mean']:+.4f}{se_text['worst']} |", ""]
-    better_domains = sum(doremi[n] < baseline[n] for n in names)
-    spread = compare.mean_std([results[anchor][s]["average"] for s in sorted(results[anchor])])[1]
-    lines += ["## Verdict\n",
-              f"DoReMi against the baseline, paired by training seed ({args.seeds} seed(s); a difference counts at "
-              f"two standard errors): average validation loss {dor_avg:.4f} vs {base_avg:.4f}: "
-              f"**{compare.verdict(average)}**; worst domain {dor_worst:.4f} vs {base_worst:.4f}: "
-              f"**{compare.verdict(worst)}**. DoReMi is lower on {better_domains} of {len(names)} domains. "
-              f"Down-weighted relative to the baseline mixture: {', '.join(down) or 'none'}."
-              + (f" Seed spread of the baseline's average: std {spread:.4f}." if args.seeds > 1 else
-                 " One training seed: differences smaller than the seed-to-seed spread cannot be told from noise "
-                 "(`--seeds 3` measures it).") + "\n"]
-    return "\n".join(lines + (comparison or []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,21 +507,28 @@ def build_parser() -> argparse.ArgumentParser:
                              "else only at the end)")
     parser.add_argument("--skip-main", action="store_true",
                         help="stop after the DoReMi weights (no baseline / DoReMi main models, no eval.json)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user-input error too")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="extra config override for every phase (repeatable); mixing.* keys reach only the main "
                              "models")
     return parser
 
 
-def main(argv=None) -> int:
+def run_pipeline(argv: list[str], prog: str = "megadoremi-pipeline") -> int:
+    """Parse ``argv`` and run the workflow; a failed phase is one line on stderr and the phase's exit status."""
     args = build_parser().parse_args(argv)
     try:
         result = Workflow(args).run()
-    except WorkflowError as error:
-        print(f"megadoremi-pipeline: error: {error}", file=sys.stderr)
-        return 2
+    except PhaseFailed as failure:
+        print(f"{prog}: error: {failure}", file=sys.stderr)
+        return failure.exit_status
     print(result["report"])
     return 0
+
+
+def main(argv=None) -> int:
+    """``megadoremi-pipeline``: user-input errors are one line and exit 2 (``--debug``: with the traceback)."""
+    return run_cli("megadoremi-pipeline", run_pipeline, argv)
 
 
 if __name__ == "__main__":

@@ -144,3 +144,21 @@ def test_unknown_method_is_refused(tiny_corpus, tmp_path):
     result = pipeline(["--corpus", os.path.join(tiny_corpus["root"], "corpus"), "--workdir", str(tmp_path / "w"),
                        "--methods", "doremi,greedy"])
     assert result.returncode == 2 and "unknown method(s) ['greedy']" in result.stderr
+
+
+def test_diverged_reference_stops_the_workflow_with_exit_status_3(tiny_corpus, tmp_path, capsys):
+    """The real trainer's side of the contract: a non-finite loss ends the run with status 3 and diverged.json."""
+    from megadoremi import workflow
+
+    workdir = tmp_path / "work"
+    status = workflow.main([
+        "--corpus", os.path.join(tiny_corpus["root"], "corpus"), "--workdir", str(workdir), "--steps", "6",
+        "--skip-main", "--launcher", "python", "--nproc", "1", "--tokenizer-model", tiny_corpus["tokenizer_model"],
+        "--seq-length", "32", "--micro-batch-size", "4", "--eval-samples", "4", "--split", "90,10,0",
+        "--set", "train.lr=1e30", "--set", "train.warmup_fraction=0"])
+    reference = workdir / "runs" / "round1" / "reference"
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 3, error
+    assert error.startswith(f"megadoremi-pipeline: error: phase {reference} diverged at step ")
+    assert json.load(open(reference / "diverged.json"))["status"] == "diverged"
+    assert not os.path.exists(reference / "final.json") and not os.path.exists(reference.parent / "proxy")

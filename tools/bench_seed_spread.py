@@ -8,7 +8,7 @@ nats mixing effect), with the CPU time the setting costs. The demo corpus, token
 in WORKDIR by ``megadoremi-pipeline --skip-main`` (1 step); every run is a plain ``megadoremi.train``.
 
     python tools/bench_seed_spread.py --workdir /tmp/spread --settings 200:3e-3,200:1e-2,400:3e-3 [--seeds 3]
-        [--nproc 2] [--preset tiny] [--micro-batch 8] [--json out.json]
+        [--nproc 2] [--preset tiny] [--micro-batch 8] [--decay exponential|cosine|constant] [--json out.json]
 
 A setting is ``STEPS:LR[:PRESET[:MICRO_BATCH]]``.
 """
@@ -41,9 +41,9 @@ def prepare(workdir: str, nproc: int) -> dict:
 
 
 def run_one(template: dict, workdir: str, steps: int, lr: float, preset: str, micro_batch: int, seed: int,
-            nproc: int, eval_samples: int) -> tuple[float, float]:
+            nproc: int, eval_samples: int, decay: str) -> tuple[float, float]:
     """(average validation loss, wall seconds) of one stratified run."""
-    name = f"s{steps}_lr{lr:g}_{preset}_mb{micro_batch}_seed{seed}"
+    name = f"s{steps}_lr{lr:g}_{preset}_mb{micro_batch}_seed{seed}" + ("" if decay == "exponential" else f"_{decay}")
     run_dir = os.path.join(workdir, "spread", name)
     final = os.path.join(run_dir, "final.json")
     config = json.loads(json.dumps(template))
@@ -51,7 +51,7 @@ def run_one(template: dict, workdir: str, steps: int, lr: float, preset: str, mi
     config["model"]["preset"] = preset
     config["data"].pop("weights", None)  # uniform: stratified
     config["train"].update(steps=steps, lr=lr, min_lr=lr / 10, seed=seed, micro_batch_size=micro_batch,
-                           log_interval=max(1, steps // 10))
+                           log_interval=max(1, steps // 10), decay=decay)
     config["eval"] = {"interval": 0, "max_samples_per_domain": eval_samples}
     config["checkpoint"] = {"interval": 0, "keep_last": 1, "export_model": False}
     started = time.perf_counter()
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--eval-samples", type=int, default=4096)
+    parser.add_argument("--decay", default="exponential", choices=["exponential", "cosine", "constant"],
+                        help="learning-rate decay after warm-up (train.decay)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     template = prepare(os.path.abspath(args.workdir), args.nproc)
@@ -89,13 +91,14 @@ def main(argv=None) -> int:
         preset = parts[2] if len(parts) > 2 else args.preset
         micro_batch = int(parts[3]) if len(parts) > 3 else args.micro_batch
         results = [run_one(template, os.path.abspath(args.workdir), steps, lr, preset, micro_batch, 1234 + seed,
-                           args.nproc, args.eval_samples) for seed in range(args.seeds)]
+                           args.nproc, args.eval_samples, args.decay) for seed in range(args.seeds)]
         losses = [loss for loss, _ in results]
-        row = {"steps": steps, "lr": lr, "preset": preset, "micro_batch": micro_batch, "seeds": args.seeds,
+        row = {"steps": steps, "lr": lr, "preset": preset, "micro_batch": micro_batch, "decay": args.decay,
+               "seeds": args.seeds,
                "mean": statistics.mean(losses), "std": statistics.stdev(losses) if len(losses) > 1 else None,
                "losses": losses, "wall_s_per_run": statistics.mean(s for _, s in results)}
         rows.append(row)
-        print(f"steps {steps:5d} lr {lr:7.0e} {preset:6s} micro-batch {micro_batch:3d}: average val loss "
+        print(f"steps {steps:5d} lr {lr:7.0e} {args.decay} {preset:6s} micro-batch {micro_batch:3d}: average val loss "
               f"{row['mean']:.4f}, seed std {row['std']:.4f} ({'below' if row['std'] < 0.03 else 'above'} 0.03), "
               f"{row['wall_s_per_run']:.0f} s per run", flush=True)
     if args.json:

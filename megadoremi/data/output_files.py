@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable
 
 from megadoremi.utils.cli import UserError
-from megadoremi.utils.fs import temp_path_for
+from megadoremi.utils.fs import process_alive, temp_path_for
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -82,19 +82,6 @@ def make_host_temp_dir(root: str, name: str, label: str) -> str:
     os.makedirs(root, exist_ok=True)
     prefix = os.path.basename(temp_path_for(os.path.join(root, name)))
     return tempfile.mkdtemp(prefix=f"{prefix}-{label}-", suffix=f"@{this_host()}", dir=root)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (one of another user counts; so does a zombie)."""
-    if pid <= 0:
-        return True  # not a pid we can reason about: keep the file
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _size_bytes(path: str) -> int:

@@ -17,6 +17,7 @@ import time
 import torch.distributed as dist
 
 from megadoremi.utils.cli import UserError
+from megadoremi.utils.fs import process_alive
 from megadoremi.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -79,7 +80,7 @@ class RunLock:
             alive = ""
             if stale.get("host") == socket.gethostname() and isinstance(stale.get("pid"), int):
                 alive = " (that process no longer holds it" + \
-                        ("; a process with its pid exists, a reuse of the number)" if _pid_exists(stale["pid"])
+                        ("; a process with its pid exists, a reuse of the number)" if process_alive(stale["pid"])
                          else " and is gone)")
             logger.warning("%s: taking over a stale lock left by %s%s, which ended without releasing it "
                            "(killed, or its host went down)", self.path, _describe(stale), alive)
@@ -119,13 +120,3 @@ def lock_run_directory(run_dir: str, rank: int) -> RunLock | None:
     if refused:
         raise RunDirectoryInUse(refused)
     return lock
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

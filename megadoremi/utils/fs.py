@@ -22,6 +22,19 @@ def remove_quietly(path: str) -> None:
         os.remove(path)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts; so does a zombie)."""
+    if pid <= 0:
+        return True  # not a pid we can reason about: assume it is alive (the safe side)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: str = "wb"):
     """Open a temporary file for writing; on success fsync and rename it to ``path``, on error delete it."""

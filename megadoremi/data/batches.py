@@ -6,7 +6,11 @@ into ``grad_accum`` consecutive micro-batches. So (2 ranks x micro b), (1 rank x
 accumulation steps of b) see exactly the same global batches.
 
 A micro-batch is a dict: ``tokens`` (batch, seq + 1) int64, ``domain_ids`` (batch,) int64 and, for training,
-``positions`` (batch,) int64, the samples' positions in the stream (rows of a reference-loss cache).
+``positions`` (batch,) int64, the samples' positions in the stream (rows of a reference-loss cache),
+``domain_counts`` (k,) int64 numpy, its samples per domain, and ``step_domain_counts`` (k,) int64 numpy, the
+samples per domain of the step's whole global batch (all ranks). The domain ids are checked against
+[0, k) here, once, on the host: the training step then indexes with them on the device (an out-of-range
+``index_add_`` on CUDA is a device-side assert) and counts per domain without a device-to-host transfer.
 The ``plan`` arguments are a ``megadoremi.distributed.plan.BatchPlan``.
 """
 
@@ -36,17 +40,30 @@ class TrainBatches:
         self.stream = stream
         self.plan = plan
         self.dp_rank = data_parallel_rank
+        self.num_domains = len(stream.domain_names)
 
     def micro_batches(self, step: int) -> list[dict]:
         """``grad_accum`` micro-batches of ``micro_batch_size`` samples (this rank's block of step's batch)."""
-        plan = self.plan
+        plan, k = self.plan, self.num_domains
+        step_ids = self.stream.domain_ids(step)  # (G,) the whole global batch's domains
+        if step_ids.size and (step_ids.min() < 0 or step_ids.max() >= k):
+            bad = step_ids[(step_ids < 0) | (step_ids >= k)]
+            raise ValueError(f"training stream, step {step}: domain ids must lie in [0, {k}), got {bad[:8].tolist()}")
+        step_counts = np.bincount(step_ids, minlength=k)
         block = rank_slice(plan.global_batch_size, self.dp_rank, plan.data_parallel_size)
         batches = []
         for micro in range(plan.grad_accum):
             first = block.start + micro * plan.micro_batch_size
             offsets = range(first, first + plan.micro_batch_size)
             positions = range(step * plan.global_batch_size + first, step * plan.global_batch_size + offsets.stop)
-            batches.append(collate(self.stream.read(step, offsets), positions))
+            items = self.stream.read(step, offsets)
+            ids = step_ids[offsets.start:offsets.stop]
+            if [int(item["domain_id"]) for item in items] != ids.tolist():
+                raise RuntimeError(f"training stream, step {step}: domain_ids(step) disagrees with the samples read")
+            batch = collate(items, positions)
+            batch["domain_counts"] = np.bincount(ids, minlength=k)
+            batch["step_domain_counts"] = step_counts
+            batches.append(batch)
         return batches
 
 

@@ -13,7 +13,9 @@ identities agree. ``build_train_stream`` builds the stream the spec describes:
   (cursors, generator, weights) goes into every checkpoint.
 
 Both serve ``read(step, offsets)``: the samples at positions ``step * G + offset`` (G = global batch), each
-``{"tokens": int64 (seq + 1,), "domain_id": int}``.
+``{"tokens": int64 (seq + 1,), "domain_id": int}``, and ``domain_ids(step)``: the domain of every sample of
+step's global batch (G,) without reading tokens, so every rank knows the step's per-domain counts with no
+communication.
 """
 
 from dataclasses import asdict, dataclass
@@ -86,6 +88,13 @@ class BlendedStream:
             raise IndexError(f"step {step} needs samples beyond the training stream ({len(self.dataset)})")
         return [self.dataset[first + offset] for offset in offsets]
 
+    def domain_ids(self, step: int) -> np.ndarray:
+        """(G,) int64: the domain of every sample of step's global batch."""
+        first = step * self.global_batch_size
+        if first + self.global_batch_size > len(self.dataset):
+            raise IndexError(f"step {step} needs samples beyond the training stream ({len(self.dataset)})")
+        return np.asarray(self.dataset.domain_index[first:first + self.global_batch_size], dtype=np.int64)
+
     def set_weights(self, weights) -> None:
         raise RuntimeError("a static blend cannot change its weights (use a dynamic mixing.method)")
 
@@ -132,6 +141,10 @@ class SampledStream:
         domains, indices = self._draw(step)
         return [{"tokens": self.datasets[int(domains[o])][int(indices[o])], "domain_id": int(domains[o])}
                 for o in offsets]
+
+    def domain_ids(self, step: int) -> np.ndarray:
+        """(G,) int64: the domain of every sample of step's global batch (draws the step if it is next)."""
+        return np.asarray(self._draw(step)[0], dtype=np.int64)
 
     @property
     def weights(self) -> np.ndarray:

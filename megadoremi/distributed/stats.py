@@ -5,6 +5,11 @@ mixture policy's view of the step. Each micro-batch adds its rows; at the end of
 ``reduced(group)`` sums the three length-k vectors over the data-parallel group in one collective, so every
 rank holds the same global numbers. Means are taken only after the reduction (never averages of per-rank
 means), and only where a domain has tokens. Reductions take the process group as an argument.
+
+Host transfers: ``reduce_together`` packs several statistics (the trainer's and an objective's) into one vector,
+all-reduces it once and copies it to the host once; every reader of a reduced result (``numpy``, ``mean``,
+``domain_means``, ``domain_samples``, the mixture policies, the DRO update) reads that host copy. That copy is
+the one device-to-host synchronisation of a training step (``tests/train/test_host_sync.py``).
 """
 
 import numpy as np
@@ -50,6 +55,7 @@ class DomainStats:
         self.sums = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
         self.tokens = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
         self.samples = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
+        self._host = None  # (sums, tokens, samples) float64 numpy: the copy numpy() returns
 
     def add(self, values: torch.Tensor, domain_ids: torch.Tensor) -> None:
         """Add one micro-batch: per-token ``values`` (batch, seq), ``domain_ids`` (batch,); values are detached."""
@@ -58,12 +64,14 @@ class DomainStats:
         self.sums.index_add_(0, domain_ids, rows)
         self.tokens.index_add_(0, domain_ids, torch.full_like(rows, values.shape[1]))
         self.samples.index_add_(0, domain_ids, torch.ones_like(rows))
+        self._host = None
 
     def add_totals(self, sums: torch.Tensor, tokens: torch.Tensor, samples: torch.Tensor) -> None:
         """Add per-domain totals computed elsewhere (e.g. masked excess losses), three (k,) vectors."""
         self.sums += sums.to(self.device, torch.float64)
         self.tokens += tokens.to(self.device, torch.float64)
         self.samples += samples.to(self.device, torch.float64)
+        self._host = None
 
     def reduced(self, group=None, contributes: bool = True) -> "DomainStats":
         """A new DomainStats with the SUM over ``group`` (every rank of it must call this); local values kept.
@@ -72,25 +80,52 @@ class DomainStats:
         sees losses, so an all-reduce over the whole world (``group=None``) with the other stages contributing
         zeros both reduces over the last stage's data-parallel ranks and hands the result to every stage.
         """
-        packed = torch.cat([self.sums, self.tokens, self.samples])
-        if not contributes:
-            packed = torch.zeros_like(packed)
-        packed = all_reduce_sum(packed, group)
-        result = DomainStats(self.num_domains, self.device)
-        k = self.num_domains
-        result.sums, result.tokens, result.samples = packed[:k], packed[k:2 * k], packed[2 * k:]
-        return result
+        return reduce_together([self], group, contributes)[0]
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sums, tokens, samples) as float64 numpy arrays (k,): the host copy a reduction made, or one copy now."""
+        if self._host is None:
+            k = self.num_domains
+            host = torch.cat([self.sums, self.tokens, self.samples]).cpu().numpy()
+            self._host = (host[:k], host[k:2 * k], host[2 * k:])
+        return self._host
 
     def mean(self) -> float:
         """Sum over all domains divided by all tokens (the step's token-mean value); nan without tokens."""
-        total = float(self.tokens.sum())
-        return float(self.sums.sum()) / total if total > 0 else float("nan")
+        sums, tokens, _ = self.numpy()
+        total = float(tokens.sum())
+        return float(sums.sum()) / total if total > 0 else float("nan")
 
     def domain_means(self, names) -> dict[str, float]:
         """``{domain: sums / tokens}`` for the domains that have tokens."""
-        sums, tokens = self.sums.cpu().numpy(), self.tokens.cpu().numpy()
+        sums, tokens, _ = self.numpy()
         return {name: float(sums[d] / tokens[d]) for d, name in enumerate(names) if tokens[d] > 0}
 
     def domain_samples(self, names) -> dict[str, int]:
         """``{domain: samples}`` for every domain."""
-        return {name: int(count) for name, count in zip(names, self.samples.cpu().tolist())}
+        return {name: int(count) for name, count in zip(names, self.numpy()[2])}
+
+
+def reduce_together(stats: list["DomainStats"], group=None, contributes: bool = True) -> list["DomainStats"]:
+    """``[s.reduced(group, contributes) for s in stats]`` with one all-reduce and one device-to-host copy.
+
+    Every rank of ``group`` must call this with statistics of the same sizes, in the same order (all on one
+    device). Each result holds its device tensors and the host copy ``numpy()`` returns.
+    """
+    if not stats:
+        return []
+    packed = torch.cat([torch.cat([s.sums, s.tokens, s.samples]) for s in stats])
+    if not contributes:
+        packed = torch.zeros_like(packed)
+    packed = all_reduce_sum(packed, group)
+    host = packed.cpu().numpy()  # the step's one wait for the device
+    results, offset = [], 0
+    for s in stats:
+        k = s.num_domains
+        result = DomainStats(k, s.device)
+        result.sums, result.tokens, result.samples = (packed[offset:offset + k], packed[offset + k:offset + 2 * k],
+                                                      packed[offset + 2 * k:offset + 3 * k])
+        result._host = (host[offset:offset + k], host[offset + k:offset + 2 * k], host[offset + 2 * k:offset + 3 * k])
+        results.append(result)
+        offset += 3 * k
+    return results

@@ -75,8 +75,8 @@ def official_token_weights(alpha, sampling_weights) -> np.ndarray:
 
 
 def proxy_loss(token_losses: torch.Tensor, domain_ids, alpha, objective: str = "paper", sampling_weights=None,
-               loss_mask=None, domain_token_counts=None, num_micro_batches: int = 1, dp_size: int = 1
-               ) -> torch.Tensor:
+               loss_mask=None, domain_token_counts=None, num_micro_batches: int = 1, dp_size: int = 1,
+               local_token_counts=None) -> torch.Tensor:
     """Scalar DRO loss of one micro-batch: token_losses (batch, seq) with grad, domain_ids (batch,), alpha (k,).
 
     ``alpha`` is treated as a constant (any gradient it carries is dropped). ``objective`` is ``paper`` or
@@ -84,7 +84,10 @@ def proxy_loss(token_losses: torch.Tensor, domain_ids, alpha, objective: str = "
     ``loss_mask == 0`` do not count. With ``domain_token_counts`` (global per-domain token counts of the step,
     already all-reduced), ``num_micro_batches`` (gradient accumulation steps A) and ``dp_size`` (D), the
     per-micro-batch losses averaged as DeepSpeed does (1 / (A * D)) give exactly the objective of the whole
-    global batch; see the module docstring. Returns a 0-dim tensor of token_losses' dtype and device.
+    global batch; see the module docstring. ``local_token_counts`` (k,): this micro-batch's counted tokens per
+    domain, when the caller has them on the host (the training step counts them from the data, whose domain ids
+    are already checked); then nothing here reads a device tensor on the host. Returns a 0-dim tensor of
+    token_losses' dtype and device.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -99,13 +102,17 @@ def proxy_loss(token_losses: torch.Tensor, domain_ids, alpha, objective: str = "
         raise ValueError("alpha must have at least one domain, got an empty vector")
     alpha = _nonnegative_vector(alpha, num_domains, "alpha")
     device, shape = token_losses.device, tuple(token_losses.shape)
-    domain_ids = check_domain_ids(torch.as_tensor(domain_ids, device=device), shape[0], num_domains)
+    domain_ids = check_domain_ids(torch.as_tensor(domain_ids, device=device), shape[0], num_domains,
+                                  check_range=local_token_counts is None)
     if loss_mask is not None:
         loss_mask = torch.as_tensor(loss_mask, device=device)
         if tuple(loss_mask.shape) != shape:
             raise ValueError(f"loss_mask must have token_losses' shape {shape}, got {tuple(loss_mask.shape)}")
-    local_counts = count_domain_tokens(domain_ids, num_domains, loss_mask=loss_mask,
-                                       seq_length=None if loss_mask is not None else shape[1]).cpu().numpy()
+    if local_token_counts is not None:
+        local_counts = _nonnegative_vector(local_token_counts, num_domains, "local_token_counts")
+    else:
+        local_counts = count_domain_tokens(domain_ids, num_domains, loss_mask=loss_mask,
+                                           seq_length=None if loss_mask is not None else shape[1]).cpu().numpy()
 
     if domain_token_counts is None:
         if num_micro_batches != 1 or dp_size != 1:

@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from megadoremi.data.blending import load_domain_weights
-from megadoremi.distributed.stats import DomainStats, all_reduce_sum
+from megadoremi.distributed.stats import DomainStats
 from megadoremi.doremi.objective import proxy_loss
 from megadoremi.doremi.state import DROState
-from megadoremi.doremi.stats import count_domain_tokens, excess_loss_stats
+from megadoremi.doremi.stats import excess_loss_stats
 from megadoremi.utils.fs import atomic_output
 from megadoremi.utils.logging import get_logger
 
@@ -74,12 +74,12 @@ class DoReMiObjective:
         self.reference = reference
         self.pipeline_parallel = plan.pipeline_stages > 1
         self.group = None if self.pipeline_parallel else data_parallel_group
-        self.token_count_group = data_parallel_group  # every stage holds its data-parallel rank's batches
         self.is_last_stage = is_last_stage
         self.device = torch.device(device)
         self.data_prefixes = data_prefixes
         self.excess = DomainStats(len(self.domain_names), self.device)
         self.token_counts = None
+        self.seq_length = None
         self.step_alpha = None
         logger.info("DoReMi proxy: objective %s, order %s, step size %g, smoothing %g, reference %s",
                     config.objective, self.order, config.step_size, config.smoothing,
@@ -88,44 +88,57 @@ class DoReMiObjective:
 
     # --- one optimizer step --------------------------------------------------------------------------------
 
+    @property
+    def step_stats(self) -> list[DomainStats]:
+        """The excess-loss statistics the loop reduces with its own at the end of the step (order lagged; one
+        all-reduce and one host copy for both); none with order same_step, which reduces them in ``loss``."""
+        return [self.excess] if self.order == "lagged" else []
+
     def begin_step(self, micro_batches: list[dict]) -> None:
-        """Global per-domain token counts of the step (all-reduced); reference losses for every micro-batch."""
+        """Global per-domain token counts of the step (from the data: every rank knows the global batch's
+        domains); reference losses for every micro-batch."""
         self.excess.reset()
         seq_length = micro_batches[0]["tokens"].shape[1] - 1
-        counts = sum(count_domain_tokens(batch["domain_ids"], len(self.domain_names), seq_length=seq_length)
-                     for batch in micro_batches)
-        self.token_counts = all_reduce_sum(counts.to(self.device), self.token_count_group)
+        self.seq_length = seq_length
+        # (k,) float64 on the host: the global batch's samples per domain x tokens per sample (no loss mask in
+        # training), the same on every rank and pipeline stage without a collective or a device transfer.
+        self.token_counts = micro_batches[0]["step_domain_counts"].astype("float64") * seq_length
         self.step_alpha = self.state.weights.copy()
         if self.reference is not None:
             for batch in micro_batches:
                 batch["reference_losses"] = self.reference.losses(batch)  # (batch, seq) float32
 
     def loss(self, token_losses: torch.Tensor, batch: dict) -> torch.Tensor:
-        """The proxy loss of one micro-batch: token_losses (batch, seq) with grad."""
-        domain_ids = batch["domain_ids"]
+        """The proxy loss of one micro-batch: token_losses (batch, seq) with grad. The batch's domain ids are
+        checked by the data layer (``megadoremi.data.batches``), so nothing here waits for the device."""
+        domain_ids = batch["domain_ids"].to(token_losses.device)
         sums, counts = excess_loss_stats(token_losses.detach(), batch["reference_losses"], domain_ids,
-                                         len(self.domain_names))
-        samples = torch.bincount(domain_ids.cpu(), minlength=len(self.domain_names))
+                                         len(self.domain_names), check_range=False)
+        samples = torch.from_numpy(batch["domain_counts"])
         self.excess.add_totals(sums, counts, samples)
         if self.order == "same_step":
-            self._reduce_and_update()
+            self._reduce_and_update(self.excess.reduced(self.group, contributes=self.is_last_stage))
             alpha = self.state.weights
         else:
             alpha = self.step_alpha
-        return proxy_loss(token_losses, domain_ids.to(token_losses.device), alpha, self.config.objective,
+        return proxy_loss(token_losses, domain_ids, alpha, self.config.objective,
                           sampling_weights=self.sampling_weights, domain_token_counts=self.token_counts,
-                          num_micro_batches=self.plan.grad_accum, dp_size=self.plan.data_parallel_size)
+                          num_micro_batches=self.plan.grad_accum, dp_size=self.plan.data_parallel_size,
+                          local_token_counts=batch["domain_counts"] * self.seq_length)
 
-    def end_step(self) -> dict:
-        """lambda_t and alpha_t from the whole global batch (order lagged); the step's metrics."""
+    def end_step(self, reduced: DomainStats | None = None) -> dict:
+        """alpha_t from ``reduced``, the step's excess-loss statistics reduced by the loop (order lagged); the
+        step's metrics."""
         if self.order == "lagged":
-            self._reduce_and_update()
+            if reduced is None:
+                raise ValueError("DoReMi (order lagged): end_step needs the reduced step_stats")
+            self._reduce_and_update(reduced)
         record = self.state.trajectory_record()
         return {"doremi_alpha": record["weights"], "doremi_excess_loss": record["excess_loss"]}
 
-    def _reduce_and_update(self) -> None:
-        reduced = self.excess.reduced(self.group, contributes=self.is_last_stage)
-        self.state.update(reduced.sums, reduced.tokens)
+    def _reduce_and_update(self, reduced: DomainStats) -> None:
+        sums, tokens, _ = reduced.numpy()
+        self.state.update(sums, tokens)
         if self.config.check_consistency and dist.is_initialized():
             self._check_consistency()
 

@@ -17,15 +17,19 @@ import torch
 from megadoremi.doremi.weights import check_finite, like_input, to_float64_numpy
 
 
-def check_domain_ids(domain_ids: torch.Tensor, batch_size: int, num_domains: int) -> torch.Tensor:
-    """Validate domain ids (batch,) against [0, num_domains); returns them as int64."""
+def check_domain_ids(domain_ids: torch.Tensor, batch_size: int, num_domains: int, check_range: bool = True
+                     ) -> torch.Tensor:
+    """Validate domain ids (batch,) against [0, num_domains); returns them as int64.
+
+    The range check reads the ids on the host (a device-to-host wait for ids on a GPU); the training step passes
+    ``check_range=False`` for ids the data layer has already checked (``megadoremi.data.batches``)."""
     if domain_ids.dtype.is_floating_point or domain_ids.dtype.is_complex or domain_ids.dtype == torch.bool:
         raise ValueError(f"domain_ids must be an integer tensor, got dtype {domain_ids.dtype}")
     if tuple(domain_ids.shape) != (batch_size,):
         raise ValueError(f"domain_ids must have shape (batch,) = ({batch_size},), got {tuple(domain_ids.shape)}")
     domain_ids = domain_ids.long()
     # Checked on the host because an out-of-range index_add_ on CUDA is a device-side assert, not an error.
-    if batch_size and bool(((domain_ids < 0) | (domain_ids >= num_domains)).any()):
+    if check_range and batch_size and bool(((domain_ids < 0) | (domain_ids >= num_domains)).any()):
         raise ValueError(f"domain_ids must lie in [0, {num_domains}), got min {int(domain_ids.min())} and "
                          f"max {int(domain_ids.max())}")
     return domain_ids
@@ -79,13 +83,14 @@ def count_domain_tokens(domain_ids, num_domains: int, loss_mask=None, seq_length
 
 
 def excess_loss_stats(proxy_losses: torch.Tensor, reference_losses, domain_ids, num_domains: int,
-                      loss_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      loss_mask=None, check_range: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-domain (sums, counts) of the clipped excess loss ``max(proxy - ref, 0)`` of one micro-batch.
 
     ``proxy_losses`` and ``reference_losses`` are per-token losses (batch, seq), ``domain_ids`` (batch,).
     Each token is clipped at 0 *before* it is summed into its domain; tokens with ``loss_mask == 0`` (padding,
     ignored targets) count neither in the sums nor in the counts (a NaN there is ignored too). Returns two
-    float64 tensors (k,) on ``proxy_losses``' device, detached from the graph.
+    float64 tensors (k,) on ``proxy_losses``' device, detached from the graph. ``check_range=False``: the ids
+    are known to lie in [0, num_domains) (checked by the data layer), so they are not read on the host.
     """
     num_domains = _check_num_domains(num_domains)
     if not isinstance(proxy_losses, torch.Tensor) or proxy_losses.dim() != 2:
@@ -97,7 +102,7 @@ def excess_loss_stats(proxy_losses: torch.Tensor, reference_losses, domain_ids, 
     if tuple(reference_losses.shape) != shape:
         raise ValueError(f"reference_losses must have the proxy losses' shape {shape}, got "
                          f"{tuple(reference_losses.shape)}")
-    domain_ids = check_domain_ids(torch.as_tensor(domain_ids, device=device), shape[0], num_domains)
+    domain_ids = check_domain_ids(torch.as_tensor(domain_ids, device=device), shape[0], num_domains, check_range)
     keep = _token_mask(loss_mask, shape, device)
 
     excess = (proxy_losses.detach().to(torch.float64) - reference_losses.detach().to(torch.float64)).clamp_min(0)

@@ -9,7 +9,10 @@ statistics, and asks the objective for the scalar to backpropagate. An objective
     begin_step(micro_batches) -> None           once per optimizer step, before the first forward; may attach
                                                 tensors to the micro-batch dicts (e.g. reference losses)
     loss(token_losses, batch) -> scalar tensor  per micro-batch (on the last stage with pipeline stages)
-    end_step() -> dict                          after the step's last backward: metrics for metrics.jsonl
+    step_stats: list[DomainStats]               statistics the loop all-reduces together with its own at the end
+                                                of the step (one collective, one host copy for all)
+    end_step(*reduced) -> dict                  after the step's last backward, with ``step_stats`` reduced, in
+                                                order: metrics for metrics.jsonl
     log_record() -> dict                        the line for ``log_name`` (when it is set)
     state_dict() -> dict / load_state_dict(dict)   JSON-serialisable, in every checkpoint
     finish(run_dir, write) -> dict              at the end of a completed run: outputs, summary entries
@@ -28,6 +31,7 @@ class LanguageModelingObjective:
 
     name = "lm"
     log_name = None
+    step_stats = ()
 
     def begin_step(self, micro_batches: list[dict]) -> None:
         pass

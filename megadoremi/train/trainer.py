@@ -25,7 +25,7 @@ from megadoremi.data.stream import build_train_stream
 from megadoremi.distributed.engine import build_ds_config, build_engine
 from megadoremi.distributed.env import DistributedEnv
 from megadoremi.distributed.plan import BatchPlan
-from megadoremi.distributed.stats import DomainStats
+from megadoremi.distributed.stats import DomainStats, reduce_together
 from megadoremi.distributed.watchdog import LauncherWatchdog, StopFlag
 from megadoremi.model.gpt import token_losses
 from megadoremi.train import checkpoint as ckpt
@@ -169,8 +169,8 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         trained = time.perf_counter()
         group = None if self.plan.pipeline_parallel else self.trained.data_parallel_group
-        reduced = self.stats.reduced(group, contributes=self.trained.is_last_stage)
-        objective_metrics = self.objective.end_step()
+        reduced, *extra = reduce_together([self.stats, *self.objective.step_stats], group, self.trained.is_last_stage)
+        objective_metrics = self.objective.end_step(*extra)
         weights_used = self.stream.weights if self.mixture.dynamic else None
         new_weights = self.mixture.update(step, reduced)
         if new_weights is not None:

@@ -136,3 +136,39 @@ def test_sampled_stream_is_read_in_order_and_splits_like_the_blend(domains, tmp_
     assert rows == [sample["tokens"].tolist() for sample in whole]
     with pytest.raises(ValueError, match="global batches of 12"):
         TrainBatches(stream, BatchPlan(1, 1, 1, 4, 1, 4, 16), 0)
+
+
+@pytest.mark.parametrize("kind", ["blend", "sampler"])
+def test_micro_batches_carry_their_domain_counts_and_the_global_batch(domains, tmp_path, kind):
+    """What the training step counts per domain without reading the device: every micro-batch's samples per
+    domain, and the whole global batch's (all ranks), from ``stream.domain_ids(step)``."""
+    policy, spec = make(domains, tmp_path, schedule=SCHEDULE) if kind == "sampler" else \
+        make(domains, tmp_path, weights=[0.5, 0.3, 0.2])
+    stream = build_train_stream(spec)
+    assert stream.kind == kind
+    plan = BatchPlan(world_size=2, pipeline_stages=1, data_parallel_size=2, micro_batch_size=3, grad_accum=2,
+                     global_batch_size=GLOBAL_BATCH, seq_length=16)
+    for step in range(3):
+        ids = stream.domain_ids(step)
+        assert ids.tolist() == [sample["domain_id"] for sample in stream.read(step, range(GLOBAL_BATCH))]
+        total = np.zeros(3, dtype=np.int64)
+        for rank in range(2):
+            for micro in TrainBatches(stream, plan, rank).micro_batches(step):
+                assert micro["domain_counts"].tolist() == np.bincount(micro["domain_ids"].numpy(), minlength=3).tolist()
+                assert micro["step_domain_counts"].tolist() == np.bincount(ids, minlength=3).tolist()
+                total += micro["domain_counts"]
+        assert total.tolist() == np.bincount(ids, minlength=3).tolist() and total.sum() == GLOBAL_BATCH
+        if kind == "sampler":
+            run_steps(policy, stream, [step])  # the policy's weights for the next step (drawn in order)
+
+
+def test_micro_batches_refuse_domain_ids_out_of_range(domains, tmp_path):
+    _, spec = make(domains, tmp_path, weights=[0.5, 0.3, 0.2])
+    stream = build_train_stream(spec)
+    stream.dataset.domain_index = stream.dataset.domain_index.copy()
+    stream.dataset.domain_index[GLOBAL_BATCH + 1] = 7  # step 1, one sample
+    plan = BatchPlan(1, 1, 1, GLOBAL_BATCH, 1, GLOBAL_BATCH, 16)
+    batches = TrainBatches(stream, plan, 0)
+    assert batches.micro_batches(0)[0]["step_domain_counts"].sum() == GLOBAL_BATCH
+    with pytest.raises(ValueError, match=r"step 1: domain ids must lie in \[0, 3\), got \[7\]"):
+        batches.micro_batches(1)

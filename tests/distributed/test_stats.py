@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megadoremi.distributed.stats import DomainStats
+from megadoremi.distributed.stats import DomainStats, reduce_together
 from megadoremi.doremi import excess_loss_stats
 from tests.helpers.launch import free_port
 
@@ -78,6 +78,13 @@ def _gloo_worker(rank, port, out_dir):
         # Pipeline: rank 1 plays the last stage, rank 0 an earlier stage (its own numbers must not count).
         results["pipeline"] = _vectors(stats.reduced(contributes=rank == 1))
         results["local_after"] = _vectors(stats)
+        # Two statistics of different sizes (the trainer's and an objective's) in one all-reduce; each result's
+        # host copy (numpy) equals its device tensors.
+        other = DomainStats(2, "cpu")
+        other.add_totals(torch.tensor([1.0, 2.0 + rank]), torch.tensor([3.0, 4.0]), torch.tensor([1.0, 1.0]))
+        together = reduce_together([stats, other])
+        results["together"] = [_vectors(r) for r in together]
+        results["together_host"] = [tuple(torch.from_numpy(a.copy()) for a in r.numpy()) for r in together]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -100,6 +107,13 @@ def test_two_process_gloo_reduction(tmp_path):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         for got, want in zip(results["pipeline"], local[1]):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+        first, second = results["together"]
+        for got, want in zip(first, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        assert [t.tolist() for t in second] == [[2.0, 5.0], [6.0, 8.0], [2.0, 2.0]]
+        for device, host in zip(results["together"], results["together_host"]):
+            for got, want in zip(host, device):
+                assert torch.equal(got, want)
     own = torch.load(os.path.join(tmp_path, "rank0.pt"))["own_group"]
     for got, want in zip(own, local[0]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

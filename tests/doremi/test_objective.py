@@ -36,7 +36,22 @@ def plan(micro_batch_size, grad_accum):
 
 def batch(rows):
     return {"tokens": torch.zeros(len(rows), 4, dtype=torch.int64), "domain_ids": DOMAIN_IDS[rows],
-            "positions": torch.tensor(rows)}
+            "positions": torch.tensor(rows), "domain_counts": np.bincount(DOMAIN_IDS[rows].numpy(), minlength=3)}
+
+
+def step_batches(*micro_rows):
+    """One optimizer step's micro-batches as ``TrainBatches`` gives them (one rank): with the global batch's
+    samples per domain, from which the objective takes the global token counts."""
+    batches = [batch(rows) for rows in micro_rows]
+    step_counts = sum(b["domain_counts"] for b in batches)
+    for b in batches:
+        b["step_domain_counts"] = step_counts
+    return batches
+
+
+def end_step(objective):
+    """What the loop does at the end of a step: reduce the objective's ``step_stats`` (one rank) and pass them."""
+    return objective.end_step(*(stats.reduced() for stats in objective.step_stats))
 
 
 def algorithm_1(weights, excess, step_size, smoothing):
@@ -59,7 +74,7 @@ def make(order, micro_batch_size, grad_accum, objective="paper"):
 
 def test_same_step_updates_alpha_before_the_loss():
     objective = make("same_step", micro_batch_size=2, grad_accum=1)
-    micro = batch([0, 1])
+    [micro] = step_batches([0, 1])
     objective.begin_step([micro])
     losses = torch.tensor(PROXY, requires_grad=True)
     loss = objective.loss(losses, micro)
@@ -71,7 +86,7 @@ def test_same_step_updates_alpha_before_the_loss():
     loss.backward()
     expected_grad = torch.tensor([[ALPHA_1[0] / 3] * 3, [ALPHA_1[1] / 3] * 3])
     torch.testing.assert_close(losses.grad, expected_grad)
-    metrics = objective.end_step()  # same_step: nothing more to update at the end of the step
+    metrics = end_step(objective)  # same_step: nothing more to update at the end of the step
     assert metrics["doremi_alpha"] == pytest.approx(dict(zip(NAMES, ALPHA_1)), abs=1e-15)
     assert metrics["doremi_excess_loss"] == pytest.approx(dict(zip(NAMES, LAMBDA_1)), abs=1e-15)
     assert objective.state.step == 1
@@ -79,7 +94,7 @@ def test_same_step_updates_alpha_before_the_loss():
 
 def test_lagged_two_micro_batches_use_the_previous_alpha_and_update_from_the_global_batch():
     objective = make("lagged", micro_batch_size=1, grad_accum=2)
-    micro_batches = [batch([0]), batch([1])]
+    micro_batches = step_batches([0], [1])
     objective.begin_step(micro_batches)
     losses = [torch.tensor([row], requires_grad=True) for row in PROXY]
     values = [objective.loss(loss, micro) for loss, micro in zip(losses, micro_batches)]
@@ -89,15 +104,15 @@ def test_lagged_two_micro_batches_use_the_previous_alpha_and_update_from_the_glo
     assert values[1].item() == pytest.approx(2 * (1 / 3) * 7 / 3)
     assert ((values[0] + values[1]) / 2).item() == pytest.approx((1 / 3) * 6 / 3 + (1 / 3) * 7 / 3)
     np.testing.assert_allclose(objective.state.weights, [1 / 3] * 3, atol=0)  # not yet updated
-    metrics = objective.end_step()
+    metrics = end_step(objective)
     np.testing.assert_allclose(objective.state.weights, ALPHA_1, rtol=0, atol=1e-15)
     assert metrics["doremi_alpha"]["math"] == pytest.approx(ALPHA_1[2], abs=1e-15)
     # Step 2: only "code" is sampled; web and math keep their lambda.
-    step2 = [batch([1]), batch([1])]
+    step2 = step_batches([1], [1])
     objective.begin_step(step2)
     values = [objective.loss(torch.tensor([PROXY[1]]), micro) for micro in step2]
     assert values[0].item() == pytest.approx(2 * ALPHA_1[1] * 7 / 6)  # alpha_1, global code tokens = 6
-    objective.end_step()
+    end_step(objective)
     lambda_2 = [LAMBDA_1[0], 1.5, LAMBDA_1[2]]
     np.testing.assert_allclose(objective.state.weights, algorithm_1(ALPHA_1, lambda_2, 1.0, 1e-3), atol=1e-15)
     np.testing.assert_allclose(objective.state.average_weights,
@@ -106,7 +121,7 @@ def test_lagged_two_micro_batches_use_the_previous_alpha_and_update_from_the_glo
 
 def test_official_objective_weights_tokens_by_alpha_over_sampling():
     objective = make("same_step", micro_batch_size=2, grad_accum=1, objective="official")
-    micro = batch([0, 1])
+    [micro] = step_batches([0, 1])
     objective.begin_step([micro])
     loss = objective.loss(torch.tensor(PROXY), micro)
     ratio = np.array(ALPHA_1) / np.array([0.5, 0.3, 0.2])
@@ -117,11 +132,11 @@ def test_official_objective_weights_tokens_by_alpha_over_sampling():
 
 def test_state_round_trip_and_order_resolution():
     objective = make("lagged", micro_batch_size=1, grad_accum=2)
-    micro_batches = [batch([0]), batch([1])]
+    micro_batches = step_batches([0], [1])
     objective.begin_step(micro_batches)
     for loss, micro in zip(PROXY, micro_batches):
         objective.loss(torch.tensor([loss]), micro)
-    objective.end_step()
+    end_step(objective)
     restored = make("lagged", micro_batch_size=1, grad_accum=2)
     restored.load_state_dict(objective.state_dict())
     np.testing.assert_array_equal(restored.state.weights, objective.state.weights)
@@ -129,5 +144,7 @@ def test_state_round_trip_and_order_resolution():
     assert resolve_order("auto", plan(2, 1)) == "same_step" and resolve_order("auto", plan(1, 2)) == "lagged"
     with pytest.raises(ValueError, match="same_step needs one micro-batch"):
         make("same_step", micro_batch_size=1, grad_accum=2)
+    with pytest.raises(ValueError, match="needs the reduced step_stats"):
+        objective.end_step()
     with pytest.raises(ValueError, match="domain"):
         make("lagged", 1, 2).load_state_dict({**objective.state_dict(), "domain_names": ["a", "b", "c"]})

@@ -92,8 +92,7 @@ class ADOPolicy(MixturePolicy):
 
     def update(self, step: int, stats) -> np.ndarray | None:
         config = self.config
-        samples = stats.samples.cpu().numpy()
-        sums, tokens = stats.sums.cpu().numpy(), stats.tokens.cpu().numpy()
+        sums, tokens, samples = stats.numpy()  # the reduction's host copy
         total = float(samples.sum())
         if total > 0:
             self.credit = (1 - config.credit_decay) * self.credit + config.credit_decay * samples / total

@@ -64,9 +64,9 @@ class ODMPolicy(MixturePolicy):
         if self.completed_steps <= self.warmup_steps:
             return None  # warm-up: sample from the prior, discard the rewards
         k = len(self.domain_names)
-        tokens = stats.tokens.cpu().numpy()
+        sums, tokens, samples = stats.numpy()  # the reduction's host copy
         observed = tokens > 0
-        losses = stats.sums.cpu().numpy()[observed] / tokens[observed]  # r_k, mean token loss
+        losses = sums[observed] / tokens[observed]  # r_k, mean token loss
         previous_epsilon, self.epsilon = self.epsilon, exploration_rate(k, self.completed_steps)
         if self.variant == "smoothed_mean":
             a = self.smoothing
@@ -75,7 +75,7 @@ class ODMPolicy(MixturePolicy):
                 return None
             weights = (1 - k * self.epsilon) * self.rewards / self.rewards.sum() + self.epsilon
         else:
-            draws = float(stats.samples.cpu().numpy().sum())  # M: samples drawn in the step
+            draws = float(samples.sum())  # M: samples drawn in the step
             observation = 1.0 - (1.0 - self.weights[observed]) ** draws  # q_k
             if self.variant == "paper":
                 a = self.smoothing

@@ -16,7 +16,12 @@ COMPARE_ARGS ?= --methods stratified,natural,doremi,ado,odm --seeds 3 --set mixi
 	--set mixing.ado.refit_interval=40 --set mixing.ado.ignore_steps=20 --set mixing.ado.fit_stride=2 \
 	--set mixing.ado.smoothing_window=21 --set mixing.ado.min_fit_points=10
 
-.PHONY: venv test demo compare test-fast clean-demo
+GPU_CHECK_OUT ?= gpu_check_out
+GPU_CHECK_ARGS ?=
+# The wheels an offline CUDA machine with torch preinstalled lacks (docs/gpu.md): DeepSpeed and what it needs.
+GPU_WHEEL_PYTHON ?= 3.12
+
+.PHONY: venv test demo compare test-fast clean-demo gpu-check gpu-check-cpu gpu-wheels
 
 venv: $(STAMP)
 
@@ -44,6 +49,19 @@ demo: venv
 # About 40 minutes on 2 cores: reference, proxy and 14 main models (5 methods x 3 seeds, one reused).
 compare: venv
 	$(PY) -m megadoremi.demo --workdir $(COMPARE_DIR) $(COMPARE_ARGS)
+
+# The GPU questions in one run of at most 8 minutes on one CUDA device (docs/gpu.md). On a GPU node with pip
+# access: make gpu-check VENV=.venv-gpu TORCH_SPEC=torch==2.13.0 (PyPI's Linux torch wheels are CUDA builds).
+gpu-check: venv
+	$(PY) tools/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# Its CPU form (the test suite runs the same command): every part, tiny sizes, about a minute.
+gpu-check-cpu: venv
+	$(PY) tools/gpu_check.py --device cpu --preset tiny --quick --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# For a GPU machine without network whose python already has CUDA torch: wheels into .whl (docs/gpu.md).
+gpu-wheels: venv
+	GPU_WHEEL_PYTHON=$(GPU_WHEEL_PYTHON) DEEPSPEED_SPEC="$(DEEPSPEED_SPEC)" PY=$(PY) sh tools/gpu_wheels.sh .whl
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(COMPARE_DIR)

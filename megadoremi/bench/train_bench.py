@@ -236,7 +236,8 @@ class BareLoop:
     def __init__(self, model_config: GPTConfig, experiment, device: torch.device, bf16: bool, batches: list):
         train = experiment.train
         self.device, self.bf16, self.grad_clip = device, bf16, train.grad_clip
-        self.model = GPT(model_config, seed=train.seed).to(device)
+        self.model = GPT(model_config, seed=train.seed,
+                         activation_checkpointing=experiment.model.activation_checkpointing).to(device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2]},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -307,6 +308,8 @@ class TrainBenchConfig:
     log_interval: int = 1
     seed: int = 1234
     workdir: str | None = None
+    activation_checkpointing: bool = False
+    gemm_size: int | None = None  # the square GEMM measured for the peak (None: 8192 on a GPU, 1536 on CPU)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -370,7 +373,7 @@ def _device_name(device: torch.device) -> str:
 
 def _experiment_dict(bench: TrainBenchConfig, data: dict, workdir: str, total_steps: int) -> dict:
     data_section = {"domains": data["domains"], "split": "90,10,0", "cache_dir": os.path.join(workdir, "index-cache")}
-    model = {"preset": bench.preset}
+    model = {"preset": bench.preset, "activation_checkpointing": bench.activation_checkpointing}
     if data["tokenizer_model"]:
         data_section["tokenizer_model"] = data["tokenizer_model"]
     else:
@@ -532,6 +535,7 @@ def run_benchmark(bench: TrainBenchConfig, env) -> dict | None:
                 loops, trainers = _overhead_loops(experiment, env, plan, device, bf16, total_steps)
             dtype = torch.bfloat16 if bf16 else torch.float32
             gemm_size, gemm_repeats = (8192, 20) if cuda else (1536, 6)
+            gemm_size = bench.gemm_size or gemm_size
             _barrier()
             load_before = _load_average()
             gemm = [measure_matmul_flops(device, dtype, gemm_size, gemm_repeats)]
@@ -595,6 +599,7 @@ def _common_result(bench, env, trainer, experiment, plan, device, bf16, gathered
         "torch_version": torch.__version__, "deepspeed_version": deepspeed.__version__,
         "python_version": platform.python_version(),
         "preset": bench.preset, "precision": precision, "data": bench.data,
+        "activation_checkpointing": bench.activation_checkpointing,
         "vocab_size": model_config.vocab_size, "padded_vocab_size": model_config.padded_vocab_size,
         "num_parameters": model_config.num_parameters(),
         "num_parameters_nonembedding": model_config.num_parameters(embedding=False),
@@ -865,6 +870,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-interval", type=int, default=defaults.log_interval,
                         help="the trainer's train.log_interval (default %(default)s, as in a run)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each block's activations in the backward (both loops)")
+    parser.add_argument("--gemm-size", type=int, default=None,
+                        help="side of the square GEMM measured for the peak (default 8192 on a GPU, 1536 on CPU)")
     parser.add_argument("--workdir", default=None, help="where data and the run directory go (default: a temp dir)")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the result as JSON (- for stdout)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

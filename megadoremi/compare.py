@@ -53,6 +53,44 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, value in curve if value <= target), None)
 
 
+def speedup(curve: list[tuple[int, float]], baseline_curve: list[tuple[int, float]]) -> dict:
+    """The paper's speed-up: the step at which ``curve`` (step, average validation loss) first reaches the
+    baseline's final average loss, and the baseline's steps over that step.
+
+    Between two evaluations the step is interpolated linearly (``interpolated``); reached at the first evaluation,
+    the step is only known to be at most that one (``upper_bound``: the speed-up is at least the figure).
+    ``step`` and ``speedup`` are None when the loss never gets there."""
+    baseline_steps, target = baseline_curve[-1] if baseline_curve else (None, float("nan"))
+    result = {"target": target, "baseline_steps": baseline_steps, "step": None, "speedup": None,
+              "interpolated": False, "upper_bound": False}
+    previous = None
+    for step, value in curve:
+        if value <= target:
+            if previous is None or value == target:
+                result.update(step=float(step), upper_bound=previous is None)
+            else:
+                (step0, value0) = previous
+                result.update(step=step0 + (step - step0) * (value0 - target) / (value0 - value), interpolated=True)
+            result["speedup"] = baseline_steps / result["step"] if result["step"] > 0 else None
+            return result
+        previous = (step, value)
+    return result
+
+
+def describe_speedup(figure: dict, name: str = "DoReMi") -> str:
+    """One sentence for the report."""
+    reached = f"the baseline's final average validation loss ({figure['target']:.4f} at step {figure['baseline_steps']})"
+    if figure["baseline_steps"] is None:
+        return f"{name}: no speed-up figure (the baseline has no evaluations in eval.jsonl)."
+    if figure["step"] is None:
+        return f"{name} does not reach {reached} within its {figure['baseline_steps']} steps: not reached."
+    how = ("interpolated linearly between evaluations" if figure["interpolated"] else
+           "at or before its first evaluation, so the speed-up is at least this" if figure["upper_bound"] else
+           "at an evaluation")
+    return (f"{name} reaches {reached} at step {figure['step']:.0f} ({how}): "
+            f"**{figure['speedup']:.2f}x fewer steps**.")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
@@ -93,6 +131,7 @@ def results_lines(results: dict, anchor: str) -> list[dict]:
             lines.append({"method": method, "seed": seed, "val_loss": result["val_loss"], "average": result["average"],
                           "worst": result["worst"], "worst_domain": result["worst_domain"],
                           "steps_to_anchor_final_average": steps_to_reach(result["curve"], target),
+                          "speedup_over_anchor": speedup(result["curve"], results[anchor][seed]["curve"])["speedup"],
                           "anchor": anchor})
     return lines
 
@@ -232,6 +271,15 @@ def render_report(names, rounds, baseline_weights, evaluation, args, anchor: str
     lines += [f"| **average** | {base_avg:.4f} | {dor_avg:.4f} | {average['mean']:+.4f}{se_text['avg']} |",
               f"| **worst** | {base_worst:.4f} ({base_worst_name}) | {dor_worst:.4f} ({dor_worst_name}) | "
               f"{worst['mean']:+.4f}{se_text['worst']} |", ""]
+    figures = {seed: speedup(results["doremi"][seed]["curve"], results[anchor][seed]["curve"])
+               for seed in sorted(results[anchor])}
+    steps = [step for step, _ in results[anchor][args.seed]["curve"]]
+    every = f"evaluated at steps {', '.join(map(str, steps[:3]))}, ..., {steps[-1]}" if len(steps) > 3 else \
+        f"evaluated at steps {', '.join(map(str, steps)) or 'none'}"
+    lines += ["## Speed-up\n", "As in the paper: the step at which the DoReMi main model first reaches the "
+              f"baseline's final average validation loss, from `eval.jsonl` ({every}).\n"]
+    lines += [("" if len(figures) == 1 else f"- seed {seed}: ") + describe_speedup(figure)
+              for seed, figure in figures.items()] + [""]
     better_domains = sum(doremi[n] < baseline[n] for n in names)
     spread = mean_std([results[anchor][s]["average"] for s in sorted(results[anchor])])[1]
     lines += ["## Verdict\n",

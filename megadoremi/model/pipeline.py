@@ -4,7 +4,16 @@ Layers: embedding, blocks 1..L, final norm (+ output projection when untied), an
 embedding again as a ``TiedLayerSpec`` whose forward computes the logits (DeepSpeed keeps the two copies in
 sync by all-reducing their gradients). Stages are partitioned by parameter count; the loss runs on the last
 stage.
+
+Checkpoints: DeepSpeed's ``PipelineModule`` writes one file per layer that has a ``state_dict`` and skips tied
+layers (their forward is a function of the tied module), so the tied embedding would be in no file and a resumed
+run would restart it from its initial values (ZeRO-1 hides this by copying its fp32 master weights back; ZeRO-0
+does not). The module built here also writes each tied module, from the first stage that holds it
+(``tied_KEY-model_states.pt``), and every stage holding it loads that file back.
 """
+
+import functools
+import os
 
 import torch
 from torch import nn
@@ -53,12 +62,43 @@ def pipeline_layer_specs(config: GPTConfig, seed: int = 0) -> list:
 def build_pipeline_model(config: GPTConfig, num_stages: int, loss_fn, seed: int = 0,
                          activation_checkpoint_interval: int = 0):
     """A ``deepspeed.pipe.PipelineModule``; torch.distributed must already be initialised."""
-    from deepspeed.pipe import PipelineModule
-
-    return PipelineModule(
+    return _pipeline_module_class()(
         layers=pipeline_layer_specs(config, seed),
         num_stages=num_stages,
         loss_fn=loss_fn,
         partition_method="parameters",
         activation_checkpoint_interval=activation_checkpoint_interval,
     )
+
+
+def tied_checkpoint_path(checkpoint_dir: str, key: str) -> str:
+    return os.path.join(checkpoint_dir, f"tied_{key}-model_states.pt")
+
+
+@functools.cache
+def _pipeline_module_class():
+    """``PipelineModule`` that also saves and loads its tied modules (see the module docstring)."""
+    from deepspeed.pipe import PipelineModule
+
+    class TiedSavingPipelineModule(PipelineModule):
+        def save_state_dict(self, save_dir, checkpoint_engine, exclude_frozen_params=False):
+            super().save_state_dict(save_dir, checkpoint_engine, exclude_frozen_params)
+            if self._grid.data_parallel_id != 0:
+                return
+            for key, module in self.tied_modules.items():
+                first = min(i for i, spec in enumerate(self._layer_specs) if getattr(spec, "key", None) == key)
+                if self._local_start <= first < self._local_stop:  # the first stage that holds it writes it
+                    state = {name: value.detach().clone() for name, value in module.state_dict().items()}
+                    checkpoint_engine.save(state_dict=state, path=tied_checkpoint_path(save_dir, key))
+
+        def load_state_dir(self, load_dir, checkpoint_engine, strict=True):
+            super().load_state_dir(load_dir, checkpoint_engine, strict)
+            for key, module in self.tied_modules.items():
+                path = tied_checkpoint_path(load_dir, key)
+                if not os.path.exists(path):
+                    raise FileNotFoundError(f"{path}: the pipeline checkpoint lacks the tied module {key!r} "
+                                            "(written by a version that did not save it: not resumable exactly)")
+                module.load_state_dict(checkpoint_engine.load(path, map_location="cpu"), strict=strict)
+            self._synchronize_tied_weights()
+
+    return TiedSavingPipelineModule

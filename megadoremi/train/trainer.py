@@ -238,7 +238,7 @@ class Trainer:
                  "global_batch_size": self.plan.global_batch_size, "domain_names": self.domain_names,
                  "objective": {"name": self.objective.name, "state": self.objective.state_dict()},
                  "mixing": {"policy": self.mixture.state_dict(), "stream": self.stream.state_dict()}}
-        state["layout"] = self.layout
+        state.update(layout=self.layout, model_config=dict(vars(self.model_config)))  # exporters need no tokenizer
         self.last_checkpoint = ckpt.save_checkpoint(
             self.engine, self.checkpoint_dir, step, state, self.rank, self.plan.world_size,
             self.config.checkpoint.keep_last, self._barrier, hashing=self.config.checkpoint.verify)

@@ -32,8 +32,9 @@ $(STAMP): setup.py requirements-test.txt
 	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install --quiet "$(TORCH_SPEC)"; fi
 	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(PIP) install --quiet sentencepiece numpy mpi4py mpich pyyaml tqdm tensorboard matplotlib scipy==1.17.1
-	# Export to Hugging Face transformers (megadoremi-export-hf); torch is already satisfied, so it stays CPU.
-	$(PIP) install --quiet transformers==5.24.0 safetensors==0.8.0 protobuf==7.36.2
+	# Export to Hugging Face transformers and downstream evaluation (megadoremi-export-hf, megadoremi-eval);
+	# torch is already satisfied, so it stays the CPU build.
+	$(PIP) install --quiet transformers==5.24.0 safetensors==0.8.0 protobuf==7.36.2 accelerate==1.15.0 lm-eval==0.4.13
 	$(PIP) install --quiet -r requirements-test.txt
 	# megatron-core is a test-only oracle for file formats and blending: no deps, never imported by the package.
 	$(PIP) install --quiet --no-deps megatron-core

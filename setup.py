@@ -9,7 +9,7 @@ setup(
     # torch is deliberately not listed: an unpinned torch requirement makes pip pull the CUDA build.
     # The Makefile installs torch pinned first (see README).
     install_requires=["numpy", "sentencepiece", "pyyaml", "tqdm", "scipy"],
-    extras_require={"mpi": ["mpi4py"], "train": ["deepspeed"], "hf": ["transformers", "safetensors", "protobuf"]},
+    extras_require={"mpi": ["mpi4py"], "train": ["deepspeed"], "hf": ["transformers", "safetensors", "protobuf", "accelerate", "lm-eval"]},
     entry_points={
         "console_scripts": [
             "megadoremi-train=megadoremi.train.__main__:main",
@@ -19,6 +19,8 @@ setup(
             "megadoremi-plan-memory=megadoremi.tools.plan_memory:main",
             "megadoremi-export-hf=megadoremi.tools.export_hf:main",
             "megadoremi-import-hf=megadoremi.tools.export_hf:import_main",
+            "megadoremi-eval=megadoremi.tools.evaluate:main",
+            "megadoremi-make-eval-tasks=megadoremi.tools.make_eval_tasks:main",
             "megadoremi-preprocess=megadoremi.tools.preprocess_data:main",
             "megadoremi-train-tokenizer=megadoremi.tools.train_tokenizer:main",
             "megadoremi-merge-datasets=megadoremi.tools.merge_datasets:main",

@@ -91,6 +91,24 @@ def describe_speedup(figure: dict, name: str = "DoReMi") -> str:
             f"**{figure['speedup']:.2f}x fewer steps**.")
 
 
+def render_downstream(downstream: dict) -> list[str]:
+    """The downstream table of the report: task, metric, baseline, DoReMi, difference (one seed)."""
+    lines = ["## Downstream evaluation (lm-evaluation-harness, seed --seed)\n",
+             "| task | metric | baseline | DoReMi | DoReMi - baseline |", "|---|---|---|---|---|"]
+    baseline, doremi = downstream["baseline"], downstream["doremi"]
+    for task in baseline:
+        for metric, value in baseline[task].items():
+            if metric.endswith("_stderr") or metric == "sample_len" or metric not in doremi.get(task, {}):
+                continue
+            other = doremi[task][metric]
+            se = baseline[task].get(metric + "_stderr")
+            note = f" (SE {se:.3g})" if isinstance(se, float) and math.isfinite(se) else ""
+            lines.append(f"| {task} | {metric} | {value:.4g}{note} | {other:.4g} | {other - value:+.4g} |")
+    return lines + ["", "acc on the megadoremi_cloze tasks is exact match of the greedy continuation (the document's "
+                    "last word); perplexity is that of the target. One training seed: differences within a few "
+                    "standard errors are noise.\n"]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
@@ -280,6 +298,8 @@ def render_report(names, rounds, baseline_weights, evaluation, args, anchor: str
               f"baseline's final average validation loss, from `eval.jsonl` ({every}).\n"]
     lines += [("" if len(figures) == 1 else f"- seed {seed}: ") + describe_speedup(figure)
               for seed, figure in figures.items()] + [""]
+    if evaluation.get("downstream"):
+        lines += render_downstream(evaluation["downstream"])
     better_domains = sum(doremi[n] < baseline[n] for n in names)
     spread = mean_std([results[anchor][s]["average"] for s in sorted(results[anchor])])[1]
     lines += ["## Verdict\n",

@@ -1,7 +1,8 @@
 """The DoReMi workflow end to end from a folder of per-domain jsonl files (console script ``megadoremi-pipeline``).
 
     megadoremi-pipeline --corpus DIR --workdir DIR [--preset tiny] [--nproc 2] [--steps N] [--rounds R]
-                        [--skip-main] [--methods stratified,natural,doremi,ado,odm] [--seeds N] [--debug]
+                        [--skip-main] [--methods stratified,natural,doremi,ado,odm] [--seeds N]
+                        [--downstream-tasks megadoremi_cloze,...] [--debug]
 
 Phases, each a normal training run in its own run directory (resumable, launched with torchrun / mpiexec /
 deepspeed):
@@ -11,7 +12,9 @@ deepspeed):
   first alpha_ref: stratified = uniform, or natural = token shares) and every method of ``--methods`` (doremi:
   the last alpha_bar; ado, odm: online mixing in the main run, ``--set mixing.KEY=VALUE`` reaches them)
   -> WORKDIR/eval.json, results.jsonl, report.md, validation_curves.png (``--skip-main``: stop after the
-  weights; report.md has them). The DoReMi weights are computed once and reused for every seed.
+  weights; report.md has them). The DoReMi weights are computed once and reused for every seed. With
+  ``--downstream-tasks``, lm-eval on the baseline and DoReMi main models (``megadoremi.tools.evaluate``), in
+  eval.json's ``downstream`` and the report. The report gives the paper's speed-up figure.
 
 The corpus folder holds one ``<domain>.jsonl[.gz]`` per domain; a domain name with whitespace is refused (a
 Megatron ``--data-path`` line splits on it) and every other entry of the folder is listed in a warning.
@@ -165,6 +168,9 @@ class Workflow:
         self.methods = parse_methods(args.methods)
         if args.seeds < 1:
             raise WorkflowError(f"--seeds: must be >= 1, got {args.seeds}")
+        if args.downstream_tasks and (args.skip_main or "doremi" not in self.methods):
+            raise WorkflowError("--downstream-tasks evaluates the baseline and DoReMi main models: it needs doremi in "
+                                "--methods and no --skip-main")
         comparing = self.methods != ["doremi"] or args.seeds > 1
         self.eval_interval = args.eval_interval if args.eval_interval is not None else \
             (max(1, args.steps // 10) if comparing else 0)
@@ -448,6 +454,10 @@ class Workflow:
             for line in compare.results_lines(results, anchor):
                 handle.write(json.dumps(line) + "\n")
         compare.plot_curves(results, os.path.join(self.workdir, "validation_curves.png"))
+        if args.downstream_tasks and "doremi" in run_dirs:
+            evaluation["downstream"] = self.downstream({"baseline": run_dirs[anchor][args.seed],
+                                                        "doremi": run_dirs["doremi"][args.seed]})
+            _write_json(os.path.join(self.workdir, "eval.json"), evaluation)
         weights = self.final_weights(methods, run_dirs, prefixes, rounds)
         report = compare.render_report(self.names, rounds, baseline_weights, evaluation, args, anchor=anchor,
                                runs={m: run_dirs[m][args.seed] for m in run_dirs}, results=results,
@@ -456,6 +466,14 @@ class Workflow:
         with atomic_output(os.path.join(self.workdir, "report.md"), "w") as handle:
             handle.write(report)
         return {"rounds": rounds, "eval": evaluation, "report": report, "results": results}
+
+    def downstream(self, runs: dict) -> dict:
+        """lm-eval on each named main model (``megadoremi-eval``): {name: {task: {metric: value}}}."""
+        from megadoremi.tools.evaluate import evaluate_downstream
+
+        tasks = [task for task in self.args.downstream_tasks.split(",") if task]
+        return {name: evaluate_downstream(run_dir, tasks, limit=self.args.downstream_limit)["tasks"]
+                for name, run_dir in runs.items()}
 
     def final_weights(self, methods, run_dirs, prefixes, rounds) -> dict:
         """Each method's sampling weights for the report: fixed ones, or the online methods' seed-mean average."""
@@ -508,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-interval", type=int, default=None,
                         help="steps between validations (default: steps / 10 when comparing methods or seeds, "
                              "else only at the end)")
+    parser.add_argument("--downstream-tasks", default=None, metavar="T1,T2",
+                        help="lm-eval tasks for the baseline and DoReMi main models (seed --seed): megadoremi_cloze "
+                             "(per-domain cloze tasks from held-out documents, no download) or lm-eval registry "
+                             "tasks whose data is in the local Hugging Face cache")
+    parser.add_argument("--downstream-limit", type=int, default=None,
+                        help="at most this many examples per downstream task (default: all)")
     parser.add_argument("--skip-main", action="store_true",
                         help="stop after the DoReMi weights (no baseline / DoReMi main models, no eval.json)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user-input error too")

@@ -16,7 +16,7 @@ from megadoremi.model.gpt import GPT, GPTConfig
 from megadoremi.model.hf import LLAMA, NEOX, TOKENIZER_TEST_STRINGS, ConversionError, check_tokenizer, \
     convert_tokenizer, from_llama, hf_architecture, hf_config, to_hf
 from megadoremi.tools.export_hf import LOGITS_ATOL, export, import_llama
-from tests.helpers.launch import REPO_ROOT, clean_env, run_training, write_config
+from tests.helpers.launch import REPO_ROOT, clean_env
 
 TINY = dict(vocab_size=500, num_layers=2, num_heads=4, head_dim=16, d_model=64, ffn_dim=128, max_seq_length=64)
 
@@ -128,32 +128,32 @@ def test_tokenizer_ids_equal_sentencepiece(tiny_corpus, tmp_path):
     assert "\u00e9" in loaded.decode(loaded.encode("café", add_special_tokens=False))
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tiny_corpus, tmp_path_factory):
-    """Real checkpoints: ZeRO-3 on 2 ranks, and 2 pipeline stages (ZeRO-0), 3 steps each."""
-    root = tmp_path_factory.mktemp("export")
-    config = write_config(str(root / "config.yaml"), tiny_corpus)
-    common = ["--train.steps=3", "--checkpoint.interval=3", "--train.micro_batch_size=2", "--train.grad_accum=2"]
-    runs = {"zero3": ["--parallel.zero_stage=3"], "pipeline": ["--parallel.pipeline_stages=2"]}
-    for name, layout in runs.items():
-        run_training("torchrun", 2, config, [f"--run_dir={root / name}", *common, *layout])
-    return root
+@pytest.fixture
+def runs(zero3_run, pipeline_resume_runs):
+    """Real checkpoints: ZeRO-3 on 2 ranks; 2 pipeline stages (ZeRO-0) stopped at step 3 and resumed to 6."""
+    return {"zero3": (zero3_run, "step_00000003"), "pipeline": (pipeline_resume_runs["resumed"], "step_00000003")}
 
 
 @pytest.mark.parametrize("layout", ["zero3", "pipeline"])
-def test_export_from_a_deepspeed_checkpoint_of_any_layout(checkpoints, tmp_path, layout):
+def test_export_from_a_deepspeed_checkpoint_of_any_layout(runs, tmp_path, layout):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megadoremi.model.io import load_exported_model
+    from megadoremi.train.consolidate import checkpoint_weights
 
-    run_dir = checkpoints / layout
+    run_dir, tag = runs[layout]
     out = tmp_path / "hf"
-    report = export(str(run_dir / "checkpoints"), str(out))  # the newest checkpoint, read on one process
+    report = export(str(run_dir / "checkpoints" / tag), str(out))  # read on one process
     assert report["architecture"] == NEOX and report["max_abs_logit_difference"] <= LOGITS_ATOL
-    assert report["source"].endswith("step_00000003")
+    assert report["source"].endswith(tag)
     assert {"config.json", "model.safetensors", "tokenizer.json", "megadoremi_export.json"} <= set(os.listdir(out))
-    # The checkpoint's weights are the finished run's (model.pt, written by the trainer in its own way).
-    config, state = load_exported_model(str(run_dir))
+    # The checkpoint's weights as the exporter read them give the transformers model's logits; at the final step
+    # they equal the finished run's model.pt, which the trainer writes in its own way (ZeRO-3: gathered).
+    config, state = checkpoint_weights(str(run_dir / "checkpoints" / tag))
+    if layout == "zero3":
+        _, final = load_exported_model(str(run_dir))
+        for name, value in final.items():
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
     ours = GPT(config).eval()
     ours.load_state_dict(state)
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -164,10 +164,10 @@ def test_export_from_a_deepspeed_checkpoint_of_any_layout(checkpoints, tmp_path,
     assert theirs.config.eos_token_id == tokenizer.eos_token_id is not None
 
 
-def test_cli_refuses_to_overwrite_and_exports_bfloat16(checkpoints, tmp_path):
+def test_cli_refuses_to_overwrite_and_exports_bfloat16(zero3_run, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
-    command = [sys.executable, os.path.join(REPO_ROOT, "tools", "export_hf.py"), str(checkpoints / "zero3"), str(out)]
+    command = [sys.executable, os.path.join(REPO_ROOT, "tools", "export_hf.py"), str(zero3_run), str(out)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=200)
     assert result.returncode == 2 and "exists (pass --force" in result.stderr, result.stderr[-2000:]
     result = subprocess.run(command + ["--force", "--dtype", "bfloat16"], cwd=REPO_ROOT, env=clean_env(),

@@ -10,7 +10,6 @@ import pytest
 from megadoremi import compare
 from megadoremi.tools.make_eval_tasks import cloze, make_eval_tasks, run_config_data
 from megadoremi.utils.cli import UserError
-from tests.helpers.launch import run_training, write_config
 
 
 def test_cloze_cuts_the_last_word():
@@ -25,13 +24,9 @@ def test_cloze_cuts_the_last_word():
     assert long == {"context": "ccc ddd", "target": " eee"}
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("downstream")
-    config = write_config(str(root / "config.yaml"), tiny_corpus)
-    run_dir = root / "run"
-    run_training("python", 1, config, [f"--run_dir={run_dir}", "--train.steps=20", "--train.seq_length=64"])
-    return run_dir
+@pytest.fixture
+def trained_run(zero3_run):
+    return zero3_run
 
 
 def test_tasks_come_from_held_out_documents(trained_run, tmp_path):

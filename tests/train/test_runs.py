@@ -67,23 +67,16 @@ def test_exact_resume_after_kill(config, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in resumed], reference, rtol=0, atol=1e-7)
 
 
-def test_pipeline_resume_restores_the_tied_embedding(config, tmp_path):
+def test_pipeline_resume_restores_the_tied_embedding(pipeline_resume_runs):
     """DeepSpeed's PipelineModule writes no file for tied layers: without megadoremi's own tied-module file a
     ZeRO-0 pipeline run resumed with its embedding (input and output projection) back at its initial values."""
     import torch
 
     from megadoremi.model.io import load_exported_model
 
-    layout = ["--parallel.pipeline_stages=2", "--train.micro_batch_size=2", "--train.grad_accum=2",
-              "--train.steps=6", "--train.log_interval=1"]
-    full = str(tmp_path / "full")
-    run_training("torchrun", 2, config, [f"--run_dir={full}", *layout])
-    stopped = str(tmp_path / "stopped")
-    run_training("torchrun", 2, config, [f"--run_dir={stopped}", *layout, "--train.exit_interval=3"])
-    assert not os.path.exists(os.path.join(stopped, "final.json"))
-    run_training("torchrun", 2, config, [f"--run_dir={stopped}", *layout, "--resume", "auto"])
+    full, stopped = pipeline_resume_runs["full"], pipeline_resume_runs["resumed"]
     np.testing.assert_allclose(losses(stopped), losses(full), rtol=0, atol=1e-7)
-    (_, resumed), (_, uninterrupted) = load_exported_model(stopped), load_exported_model(full)
+    (_, resumed), (_, uninterrupted) = load_exported_model(str(stopped)), load_exported_model(str(full))
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-7, msg=name)
     checkpoint = os.path.join(stopped, "checkpoints", "step_00000003")

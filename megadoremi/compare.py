@@ -291,11 +291,11 @@ def render_report(names, rounds, baseline_weights, evaluation, args, anchor: str
               f"{worst['mean']:+.4f}{se_text['worst']} |", ""]
     figures = {seed: speedup(results["doremi"][seed]["curve"], results[anchor][seed]["curve"])
                for seed in sorted(results[anchor])}
-    steps = [step for step, _ in results[anchor][args.seed]["curve"]]
+    steps = [step for step, _ in results["doremi"][args.seed]["curve"]]
     every = f"evaluated at steps {', '.join(map(str, steps[:3]))}, ..., {steps[-1]}" if len(steps) > 3 else \
         f"evaluated at steps {', '.join(map(str, steps)) or 'none'}"
     lines += ["## Speed-up\n", "As in the paper: the step at which the DoReMi main model first reaches the "
-              f"baseline's final average validation loss, from `eval.jsonl` ({every}).\n"]
+              f"baseline's final average validation loss, from its `eval.jsonl` ({every}).\n"]
     lines += [("" if len(figures) == 1 else f"- seed {seed}: ") + describe_speedup(figure)
               for seed, figure in figures.items()] + [""]
     if evaluation.get("downstream"):

@@ -2,7 +2,8 @@
 
     megadoremi-eval RUN_DIR --tasks megadoremi_cloze[,lambada_openai,...] [--num-fewshot 1] [--limit N]
 
-Exports the run to Hugging Face format (``RUN_DIR/hf``, cached: made again only when the run's model changed),
+Exports the run to Hugging Face format (``RUN_DIR/hf``, cached: made again only when the run's model changed;
+``downstream.json`` is reused likewise when the tasks and settings are the same),
 then runs lm-eval's ``simple_evaluate`` with its ``hf`` model in this process (CPU or GPU, float32 by default)
 and writes ``RUN_DIR/downstream.json``: per task the metrics lm-eval reports (e.g. ``acc``, ``perplexity``,
 ``exact_match``) with their standard errors, the sample counts, and how it ran. ``megadoremi_cloze`` (the group)
@@ -56,6 +57,14 @@ def evaluate_downstream(run_dir: str, tasks: list[str], num_fewshot: int | None 
         raise UserError("--tasks: name at least one task")
     started = time.perf_counter()
     model_dir = cached_export(run_dir)
+    previous = os.path.join(run_dir, DOWNSTREAM_FILE)
+    if os.path.isfile(previous) and os.path.getmtime(previous) >= os.path.getmtime(os.path.join(model_dir,
+                                                                                               "model.safetensors")):
+        with open(previous) as handle:
+            summary = json.load(handle)
+        if (summary.get("requested"), summary.get("num_fewshot"), summary.get("limit")) == (tasks, num_fewshot, limit):
+            logger.info("downstream: %s is up to date (same model, tasks and settings), reusing it", previous)
+            return summary
     include = []
     if any(task.startswith("megadoremi_cloze") for task in tasks):
         from megadoremi.tools.make_eval_tasks import make_eval_tasks, run_config_data
@@ -71,7 +80,9 @@ def evaluate_downstream(run_dir: str, tasks: list[str], num_fewshot: int | None 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include or None)
+    # lm-eval's own registry (about 15k task files, ~15 s to index) only when a task outside the local ones is asked
+    registry = any(not task.startswith("megadoremi_cloze") for task in tasks)
+    manager = TaskManager(include_path=include or None, include_defaults=registry)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise UserError(f"--tasks: unknown to lm-eval: {', '.join(unknown)} (local tasks: {', '.join(include) or 'none'})")

@@ -66,8 +66,8 @@ def test_lm_eval_runs_on_the_exported_model_and_writes_downstream_json(trained_r
     stamp = trained_run / "hf" / "megadoremi_export.json"
     before = os.path.getmtime(stamp)
     assert cached_export(str(trained_run)) == str(trained_run / "hf") and os.path.getmtime(stamp) == before
-    with pytest.raises(UserError, match="unknown to lm-eval: no_such_task"):
-        evaluate_downstream(str(trained_run), ["no_such_task"], limit=1)
+    with pytest.raises(UserError, match="unknown to lm-eval: megadoremi_cloze_no_such_domain"):
+        evaluate_downstream(str(trained_run), ["megadoremi_cloze_no_such_domain"], limit=1)
 
 
 def test_report_downstream_table():

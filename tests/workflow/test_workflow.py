@@ -29,16 +29,26 @@ def test_pipeline_rounds_report_and_reuse(tiny_corpus, tmp_path):
     workdir = str(tmp_path / "work")
     args = ["--corpus", os.path.join(tiny_corpus["root"], "corpus"), "--workdir", workdir, "--steps", "6",
             "--rounds", "2", "--launcher", "python", "--nproc", "1", "--vocab-size", "400", "--seq-length", "32",
-            "--micro-batch-size", "4", "--eval-samples", "8", "--split", "90,10,0"]
+            "--micro-batch-size", "4", "--eval-samples", "8", "--split", "90,10,0",
+            "--downstream-tasks", "megadoremi_cloze", "--downstream-limit", "2"]
     result = pipeline(args)
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(os.path.basename(p).split(".")[0] for p in os.listdir(os.path.join(tiny_corpus["root"], "corpus")))
     evaluation = json.load(open(os.path.join(workdir, "eval.json")))
-    assert list(evaluation) == ["baseline", "doremi", "stratified"]  # baseline = the reference mixture's run
+    assert list(evaluation) == ["baseline", "doremi", "stratified", "downstream"]  # baseline = the reference run
+    # lm-eval on the baseline and DoReMi main models: every domain's cloze task and the group, in eval.json and the
+    # report, and each run's downstream.json.
+    downstream = evaluation.pop("downstream")
+    for model in ("baseline", "doremi"):
+        assert set(downstream[model]) == {"megadoremi_cloze"} | {f"megadoremi_cloze_{n}" for n in names}, model
+        assert 0 <= downstream[model]["megadoremi_cloze"]["acc"] <= 1
+    doremi_downstream = json.load(open(os.path.join(workdir, "runs", "main", "doremi", "seed1234", "downstream.json")))
+    assert doremi_downstream["tasks"] == downstream["doremi"] and doremi_downstream["limit"] == 2
     assert evaluation["baseline"] == evaluation["stratified"]
     assert sorted(evaluation["baseline"]) == sorted(evaluation["doremi"]) == names
     report = open(os.path.join(workdir, "report.md")).read()
-    for needle in ("## Domain weights", "round 2 alpha_bar", "**average**", "**worst**", "## Verdict"):
+    for needle in ("## Domain weights", "round 2 alpha_bar", "**average**", "**worst**", "## Verdict", "## Speed-up",
+                   "## Downstream evaluation", "| megadoremi_cloze | acc |"):
         assert needle in report, needle
     # Round 2's reference mixture is round 1's alpha_bar.
     round1 = json.load(open(os.path.join(workdir, "runs", "round1", "proxy", "domain_weights.json")))
@@ -59,6 +69,7 @@ def test_pipeline_rounds_report_and_reuse(tiny_corpus, tmp_path):
     again = pipeline(args)
     assert again.returncode == 0
     assert "complete, reusing" in again.stderr
+    assert "downstream.json is up to date" in again.stderr  # nor evaluated again
     assert finals == {root: os.path.getmtime(os.path.join(root, "final.json")) for root in finals}
 
 

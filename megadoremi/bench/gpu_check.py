@@ -217,7 +217,8 @@ def train_steps(config_dict: dict, env, steps: int, export: bool = False) -> dic
             torch.cuda.synchronize()
         return result
     finally:
-        trainer.metrics.close()
+        if getattr(trainer, "metrics", None) is not None:  # absent when setup() failed early
+            trainer.metrics.close()
         if trainer.run_lock is not None:
             trainer.run_lock.release()
         del trainer

@@ -86,7 +86,8 @@ class DomainStats:
         """(sums, tokens, samples) as float64 numpy arrays (k,): the host copy a reduction made, or one copy now."""
         if self._host is None:
             k = self.num_domains
-            host = torch.cat([self.sums, self.tokens, self.samples]).cpu().numpy()
+            host = torch.cat([self.sums, self.tokens, self.samples]).cpu().numpy().copy()
+            host.setflags(write=False)
             self._host = (host[:k], host[k:2 * k], host[2 * k:])
         return self._host
 
@@ -118,7 +119,8 @@ def reduce_together(stats: list["DomainStats"], group=None, contributes: bool = 
     if not contributes:
         packed = torch.zeros_like(packed)
     packed = all_reduce_sum(packed, group)
-    host = packed.cpu().numpy()  # the step's one wait for the device
+    host = packed.cpu().numpy().copy()  # the step's one wait for the device; a copy on CPU too (same on both)
+    host.setflags(write=False)  # every reader shares it
     results, offset = [], 0
     for s in stats:
         k = s.num_domains

@@ -109,6 +109,8 @@ def proxy_loss(token_losses: torch.Tensor, domain_ids, alpha, objective: str = "
         if tuple(loss_mask.shape) != shape:
             raise ValueError(f"loss_mask must have token_losses' shape {shape}, got {tuple(loss_mask.shape)}")
     if local_token_counts is not None:
+        if loss_mask is not None:
+            raise ValueError("give local_token_counts or loss_mask, not both (the counts would ignore the mask)")
         local_counts = _nonnegative_vector(local_token_counts, num_domains, "local_token_counts")
     else:
         local_counts = count_domain_tokens(domain_ids, num_domains, loss_mask=loss_mask,

@@ -4,7 +4,7 @@ statistics, the DRO update of alpha, its state in checkpoints, and the outputs a
 ``DoReMiObjective`` is built from explicit arguments (the DoReMi config, the domains, the vocabulary size, the
 sampling mixture, the reference, the batch plan and the data-parallel group), never from a trainer, and the loop
 calls it through the objective seam: ``begin_step(micro_batches)`` once per optimizer step, ``loss(token_losses,
-batch)`` for every micro-batch (on the last pipeline stage with pipeline stages), ``end_step()`` at the end of the
+batch)`` for every micro-batch (on the last pipeline stage with pipeline stages), ``end_step(*reduced step_stats)`` at the end of the
 step, ``state_dict()`` / ``load_state_dict()`` for checkpoints, ``finish()`` at the end of a completed run.
 
 Per optimizer step (alpha is fixed during a step):

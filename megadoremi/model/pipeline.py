@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megadoremi.model.gpt import Block, Embedding, GPTConfig, Head
+from megadoremi.utils.cli import UserError
 
 TIED_KEY = "embedding"
 
@@ -96,8 +97,8 @@ def _pipeline_module_class():
             for key, module in self.tied_modules.items():
                 path = tied_checkpoint_path(load_dir, key)
                 if not os.path.exists(path):
-                    raise FileNotFoundError(f"{path}: the pipeline checkpoint lacks the tied module {key!r} "
-                                            "(written by a version that did not save it: not resumable exactly)")
+                    raise UserError(f"{path}: missing; this pipeline checkpoint lacks the tied module {key!r} "
+                                    "(written before megadoremi saved it), so it cannot be resumed exactly")
                 module.load_state_dict(checkpoint_engine.load(path, map_location="cpu"), strict=strict)
             self._synchronize_tied_weights()
 

@@ -62,7 +62,9 @@ def evaluate_downstream(run_dir: str, tasks: list[str], num_fewshot: int | None 
                                                                                                "model.safetensors")):
         with open(previous) as handle:
             summary = json.load(handle)
-        if (summary.get("requested"), summary.get("num_fewshot"), summary.get("limit")) == (tasks, num_fewshot, limit):
+        settings = (tasks, num_fewshot, limit, tasks_dir and os.path.abspath(tasks_dir), seed)
+        if (summary.get("requested"), summary.get("num_fewshot"), summary.get("limit"), summary.get("tasks_dir"),
+                summary.get("seed")) == settings:
             logger.info("downstream: %s is up to date (same model, tasks and settings), reusing it", previous)
             return summary
     include = []
@@ -104,11 +106,12 @@ def evaluate_downstream(run_dir: str, tasks: list[str], num_fewshot: int | None 
         for key, value in metrics.items():
             if key == "alias" or not isinstance(value, int | float):
                 continue
-            metric, _, _filter = key.partition(",")
-            values[metric] = value
+            metric, _, name = key.partition(",")
+            values[metric if name in ("", "none") else f"{metric},{name}"] = value  # keep a task's filters apart
         results[task] = values
     summary = {"run_dir": os.path.abspath(run_dir), "model": os.path.abspath(model_dir), "tasks": results,
-               "requested": tasks, "num_fewshot": num_fewshot, "limit": limit, "device": device,
+               "requested": tasks, "num_fewshot": num_fewshot, "limit": limit, "device": device, "seed": seed,
+               "tasks_dir": tasks_dir and os.path.abspath(tasks_dir),
                "samples": {task: counts.get("effective", counts.get("original"))
                            for task, counts in output.get("n-samples", {}).items()},
                "lm_eval_version": _version("lm_eval"), "seconds": time.perf_counter() - started}

@@ -51,7 +51,8 @@ def _task_yaml(name: str, data_file: str) -> str:
     return "\n".join([
         f"task: {name}", "tag:", f"  - {GROUP}_tasks", "dataset_path: json", "dataset_kwargs:", "  data_files:",
         f"    test: {json.dumps(os.path.abspath(data_file))}", "test_split: test", "output_type: loglikelihood",
-        'doc_to_text: "{{context}}"', 'doc_to_target: "{{target}}"', "metric_list:", "  - metric: acc",
+        'doc_to_text: "{{context}}"', 'doc_to_target: "{{target}}"', 'target_delimiter: ""',
+        'fewshot_delimiter: "\\n\\n"', "metric_list:", "  - metric: acc",
         "    aggregation: mean", "    higher_is_better: true", "  - metric: perplexity",
         "    aggregation: perplexity", "    higher_is_better: false", "metadata:", "  version: 1.0", ""])
 
@@ -65,6 +66,12 @@ def make_eval_tasks(domains: dict, split: str, tokenizer_model: str, out_dir: st
 
     if max_docs < 1 or max_context_chars < 1:
         raise UserError(f"--max-docs and --max-context-chars must be >= 1, got {max_docs} and {max_context_chars}")
+    names = {}
+    for domain in domains:
+        names.setdefault(task_name(domain), []).append(domain)
+    clashes = [same for same in names.values() if len(same) > 1]
+    if clashes:
+        raise UserError(f"domains {clashes[0]} give the same task name {task_name(clashes[0][0])!r}; rename one")
     tokenizer = Tokenizer(tokenizer_model)
     os.makedirs(out_dir, exist_ok=True)
     written = {}

@@ -22,6 +22,10 @@ def test_add_sums_rows_and_counts_tokens_and_samples():
     assert stats.mean() == pytest.approx(11.0 / 6.0)
     assert stats.domain_means(["a", "b", "c"]) == {"a": 3.5, "c": 1.0}  # b has no tokens: no entry, no 0/0
     assert stats.domain_samples(["a", "b", "c"]) == {"a": 1, "b": 0, "c": 2}
+    # The host copy a reduction makes (one process: no collective) is shared by its readers, so it is read-only.
+    sums, tokens, samples = stats.reduced().numpy()
+    assert sums.tolist() == [7.0, 0.0, 4.0] and samples.tolist() == [1.0, 0.0, 2.0]
+    assert not (sums.flags.writeable or tokens.flags.writeable or samples.flags.writeable)
     stats.reset()
     assert stats.sums.sum() == 0 and stats.tokens.sum() == 0 and stats.samples.sum() == 0
     with pytest.raises(ValueError, match="num_domains"):

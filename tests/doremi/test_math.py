@@ -347,6 +347,13 @@ def test_objective_edge_cases():
         proxy_loss(losses, domain_ids, [0.5, 0.5], domain_token_counts=[3.0, 2.0])
     with pytest.raises(ValueError, match="one entry per domain"):
         proxy_loss(losses, domain_ids, [0.5, 0.5], domain_token_counts=[3.0, 3.0, 3.0])
+    # The training step's path: local counts from the data layer (ids already checked) give the same loss.
+    counted = proxy_loss(torch.ones(2, 3), domain_ids, [0.25, 0.75], domain_token_counts=[3.0, 3.0])
+    given = proxy_loss(torch.ones(2, 3), domain_ids, [0.25, 0.75], domain_token_counts=[3.0, 3.0],
+                       local_token_counts=[3.0, 3.0])
+    assert given.item() == counted.item()
+    with pytest.raises(ValueError, match="not both"):
+        proxy_loss(losses, domain_ids, [0.5, 0.5], loss_mask=zero_mask, local_token_counts=[3.0, 3.0])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ def test_tasks_come_from_held_out_documents(trained_run, tmp_path):
     assert all(item["task"] in group for item in written.values())
     with pytest.raises(UserError, match="holds out no documents"):
         make_eval_tasks(domains, "100,0,0", tokenizer_model, str(tmp_path / "none"))
+    with pytest.raises(UserError, match="give the same task name 'megadoremi_cloze_a_b'"):
+        make_eval_tasks({"a-b": "x", "a_b": "y"}, split, tokenizer_model, str(tmp_path / "clash"))
+    assert 'target_delimiter: ""' in open(written[next(iter(written))]["file"][:-len(".jsonl")] + ".yaml").read()
 
 
 def test_lm_eval_runs_on_the_exported_model_and_writes_downstream_json(trained_run):

@@ -4,7 +4,8 @@ checkpoint of any layout, read on one process without the training world size.
 - ``model.pt`` (a finished run): as written (float32).
 - ZeRO 1-3 and bf16 checkpoints without pipeline stages: DeepSpeed's ``zero_to_fp32`` gathers the fp32 master
   partitions of every rank's optimizer file.
-- ZeRO-0 fp32 without pipeline stages: the engine's module states.
+- ZeRO-0 without pipeline stages: the engine's module states, in the training precision (a bf16 run's bf16
+  weights; its fp32 master copy is not read).
 - Pipeline stages (ZeRO 0 or 1): the per-layer files and the tied-embedding file, renamed to GPT names; these
   are the module weights in the training precision (under bf16 the fp32 masters stay in the optimizer files).
 

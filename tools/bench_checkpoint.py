@@ -15,16 +15,7 @@ import sys
 import time
 
 from megadoremi.train.checkpoint import file_digest
-
-
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as handle:
-            handle.write("1\n")
-        return True
-    except OSError:
-        return False
+from megadoremi.utils.fs import drop_page_cache
 
 
 def _plain_read(path: str) -> int:
@@ -54,7 +45,7 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             for name, work in (("read", _plain_read), ("hash", file_digest), ("hash", file_digest),
                                ("read", _plain_read)):  # ABBA
-                cold = _drop_caches() and cold
+                cold = drop_page_cache() and cold
                 started = time.perf_counter()
                 work(path)
                 times[name].append(time.perf_counter() - started)

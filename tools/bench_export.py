@@ -14,22 +14,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 import torch
 
-
-def drop_caches() -> bool:
-    """Drop the page cache (root only); True when done."""
-    try:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as handle:
-            handle.write("3\n")
-        return True
-    except (OSError, subprocess.CalledProcessError):
-        return False
+from megadoremi.utils.fs import drop_page_cache
 
 
 def main(argv=None) -> int:
@@ -54,7 +44,7 @@ def main(argv=None) -> int:
     del model
     size = os.path.getsize(model_path)
 
-    dropped = drop_caches()
+    dropped = drop_page_cache()
     started = time.perf_counter()
     shutil.copyfile(model_path, os.path.join(args.workdir, "copy.pt"))
     copy_s = time.perf_counter() - started
@@ -66,7 +56,7 @@ def main(argv=None) -> int:
 
     import_s = time.perf_counter() - started
     out = os.path.join(args.workdir, "hf")
-    drop_caches()
+    drop_page_cache()
     started = time.perf_counter()
     report = export(run_dir, out, check=False, force=True, with_tokenizer=False)
     export_s = time.perf_counter() - started

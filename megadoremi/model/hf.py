@@ -18,8 +18,6 @@ with the end-of-document piece as EOS; ``check_tokenizer`` compares ids with Sen
 transformers is imported inside the functions: the package itself does not need it to train.
 """
 
-import math
-
 import torch
 
 from megadoremi.model.gpt import GPTConfig
@@ -249,9 +247,3 @@ def dtype_from_name(name: str) -> torch.dtype:
     if name not in dtypes:
         raise ConversionError(f"--dtype: one of {', '.join(dtypes)}, got {name!r}")
     return dtypes[name]
-
-
-def max_abs_logit_difference(ours, theirs) -> float:
-    """max |a - b| over two logit tensors of the same shape (a helper for checks and tests)."""
-    difference = (ours.float() - theirs.float()).abs().max().item()
-    return difference if math.isfinite(difference) else float("inf")

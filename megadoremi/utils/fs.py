@@ -60,3 +60,15 @@ def file_lock(lock_path: str):
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def drop_page_cache() -> bool:
+    """Flush and drop the OS page cache (Linux, root only), for benchmarks timed on a cold cache; False when the
+    OS does not allow it."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("1\n")
+        return True
+    except OSError:
+        return False

@@ -114,8 +114,15 @@ class ParallelConfig:
     zero_stage: int = 0
     pipeline_stages: int = 1
     ds_config_template: str | None = None  # default: ds_configs/zero{stage}.json shipped with the package
+    # Seconds a collective (all-reduce, barrier, rendezvous) waits for the other ranks before it fails the run: a
+    # rank whose peer died or whose node dropped off the network stops after this long instead of hanging
+    # (docs/cluster.md). torch's default; it must exceed the longest stretch one rank spends alone (rank 0
+    # writing model.pt at the end).
+    collective_timeout_s: int = 1800
 
     def validate(self) -> None:
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"parallel.collective_timeout_s: must be > 0 seconds, got {self.collective_timeout_s}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.pipeline_stages < 1:

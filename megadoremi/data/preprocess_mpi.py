@@ -436,8 +436,9 @@ class _DistributedRun:
     def _tokenize(self, ranges: list[InputRange], first_lines: list[int]) -> PreprocessStats:
         config, rank = self.config, self.rank
         total = sum(r.end - r.start for r in ranges)
-        logger.info("rank %d/%d: %d range(s), %.2f MB, %d worker(s)", rank, self.size, len(ranges), total / 1e6,
-                    config.workers)
+        hosts = self.comm.allgather(self.MPI.Get_processor_name())  # which node each rank runs on, for the log
+        logger.info("rank %d/%d: %d range(s), %.2f MB, %d worker(s); ranks on %s", rank, self.size, len(ranges),
+                    total / 1e6, config.workers, ", ".join(hosts))
         progress = Progress(total, config.progress_bar, config.log_interval_s, config.log_interval_docs,
                             label="tokenizing (rank 0 share)", enabled=rank == 0)
         sinks = self.writers if rank == 0 else self.parts

@@ -172,9 +172,25 @@ def init_distributed(env: DistributedEnv | None = None, backend: str | None = No
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    apply_collective_timeout(timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     return env
+
+
+def apply_collective_timeout(timeout) -> None:
+    """Make ``timeout`` the default of every process group, not only the world's.
+
+    init_process_group's timeout covers the world group only: ``torch.distributed.new_group`` without a timeout
+    (DeepSpeed's data-parallel, pipeline and ZeRO groups) takes torch's module default, 30 min for gloo and 10 min
+    for NCCL, so a rank whose peer's node went off the network waited 30 min in DeepSpeed's gradient all-reduce
+    whatever the run asked for. torch reads that default from these two module globals.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def prebuild_deepspeed_ops() -> None:
@@ -186,3 +202,24 @@ def prebuild_deepspeed_ops() -> None:
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and builder.is_compatible():
         builder.load(verbose=False)
+
+
+def describe_rank_failure(error: BaseException, env: DistributedEnv, timeout_s: float | None = None) -> str:
+    """One line for a rank that crashed: which rank, on which host, what failed, and for a failed collective
+    which peer host it was talking to and what that usually means (a rank died, or its node was lost)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    line = f"rank {env.rank} of {env.world_size} on {socket.gethostname()} failed: {type(error).__name__}: {first}"
+    peers = []
+    for address in dict.fromkeys(re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?:\d+", first)):
+        try:
+            peers.append(f"{address} = {socket.gethostbyaddr(address)[0]}")
+        except OSError:
+            peers.append(address)
+    if peers:
+        line += f" (peer {', '.join(peers)})"
+    if "Timed out" in first or "timed out" in first:
+        line += (f"; a collective waited parallel.collective_timeout_s={timeout_s:g} s for another rank: that rank "
+                 "hung, died or lost its node" if timeout_s else "")
+    elif "Connection reset" in first or "Connection closed" in first or "Broken pipe" in first:
+        line += "; another rank's process ended (it crashed or was killed, or its node went down)"
+    return line

@@ -50,7 +50,7 @@ def _main(argv) -> int:
     spec = build_stream_spec(config, plan)
     distributed = env.world_size > 1
     if distributed:
-        init_distributed(env)
+        init_distributed(env, timeout_s=config.parallel.collective_timeout_s)
     try:
         write_reference_losses(spec, config.doremi.reference_model, args.output,
                                bf16=use_bf16(config.train, torch.cuda.is_available()), batch_size=args.batch_size)

@@ -72,10 +72,10 @@ def main(argv=None) -> int:
     from megadoremi.utils.logging import configure_logging
 
     configure_logging(rank=env.rank)
-    init_distributed(env)
     import torch.distributed as dist
 
     try:
+        init_distributed(env, timeout_s=config.parallel.collective_timeout_s)
         summary = Trainer(config, env, plan).run()
         # Every rank gets here before any tears down its connections: a peer closing its sockets while another
         # still talks to it makes gloo abort the process ("terminate called without an active exception").
@@ -86,6 +86,11 @@ def main(argv=None) -> int:
         return _leave(f"megadoremi-train: error: {error}", 2, error if debug else None)
     except TrainingDiverged as error:
         return _leave(f"megadoremi-train: {error}", EXIT_DIVERGED, error if debug else None)
+    except Exception as error:  # a crash: a peer lost, a collective timed out, a bug; say which rank and where
+        from megadoremi.distributed.env import describe_rank_failure
+
+        return _leave(f"megadoremi-train: {describe_rank_failure(error, env, config.parallel.collective_timeout_s)}",
+                      1, error)
     if summary["status"] == "stopped" and summary.get("signal"):
         code = EXIT_REQUEUE
     else:

@@ -99,11 +99,10 @@ class SlurmCluster:
         os.chmod(key, 0o400)
         return key
 
-    def _write_conf(self) -> None:
+    def _conf_settings(self) -> dict:
+        """slurm.conf's settings (the node and partition lines come from ``_node_lines``)."""
         user = getpass.getuser()
-        for name in ("state", "spool", "log"):
-            os.makedirs(os.path.join(self.root, name), exist_ok=True)
-        lines = {
+        return {
             "ClusterName": "megadoremi-test",
             "SlurmctldHost": self.hostname,
             "SlurmctldPort": free_port(),
@@ -139,12 +138,24 @@ class SlurmCluster:
             "SlurmctldLogFile": os.path.join(self.log_dir, "slurmctld.log"),
             "SlurmdLogFile": os.path.join(self.log_dir, "slurmd.log"),
         }
+
+    def _node_lines(self) -> list[str]:
+        return [f"NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.num_cpus} RealMemory={self.real_memory_mb} "
+                "State=UNKNOWN",
+                f"PartitionName=test Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP"]
+
+    def _write_conf(self) -> None:
+        for name in ("state", "spool", "log"):
+            os.makedirs(os.path.join(self.root, name), exist_ok=True)
         with open(self.conf, "w") as handle:
-            for key, value in lines.items():
+            for key, value in self._conf_settings().items():
                 handle.write(f"{key}={value}\n")
-            handle.write(f"NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.num_cpus} "
-                         f"RealMemory={self.real_memory_mb} State=UNKNOWN\n")
-            handle.write(f"PartitionName=test Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP\n")
+            for line in self._node_lines():
+                handle.write(line + "\n")
+
+    def _client_argv(self, argv: list[str]) -> list[str]:
+        """How a client command is run (here: as is; a cluster on network namespaces runs it on its head host)."""
+        return argv
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(os.path.join(self.log_dir, f"{name}.stderr"), "wb")
@@ -152,13 +163,16 @@ class SlurmCluster:
                                                 stdin=subprocess.DEVNULL)
         log.close()
 
+    def _munged_argv(self, key: str) -> list[str]:
+        munge_dir = os.path.dirname(self.munge_socket)
+        return [self.programs["munged"], "--foreground", "--force", f"--key-file={key}",
+                f"--socket={self.munge_socket}", f"--pid-file={munge_dir}/munged.pid",
+                f"--log-file={self.log_dir}/munged.log", f"--seed-file={munge_dir}/munged.seed"]
+
     def start(self, timeout_s: float = 60) -> "SlurmCluster":
         key = self._write_munge_key()
         self._write_conf()
-        munge_dir = os.path.dirname(self.munge_socket)
-        self._spawn("munged", [self.programs["munged"], "--foreground", "--force", f"--key-file={key}",
-                               f"--socket={self.munge_socket}", f"--pid-file={munge_dir}/munged.pid",
-                               f"--log-file={self.log_dir}/munged.log", f"--seed-file={munge_dir}/munged.seed"])
+        self._spawn("munged", self._munged_argv(key))
         self._wait_for(lambda: os.path.exists(self.munge_socket), timeout_s, "munged to create its socket")
         self._spawn("slurmctld", [self.programs["slurmctld"], "-D", "-f", self.conf])
         self._spawn("slurmd", [self.programs["slurmd"], "-D", "-f", self.conf])
@@ -166,9 +180,9 @@ class SlurmCluster:
         return self
 
     def _node_idle(self) -> bool:
-        result = subprocess.run([self.programs["sinfo"], "-h", "-N", "-o", "%T"], capture_output=True, text=True,
-                                env=self.env(), timeout=30)
-        return result.returncode == 0 and result.stdout.strip() == "idle"
+        result = subprocess.run(self._client_argv([self.programs["sinfo"], "-h", "-N", "-o", "%T"]),
+                                capture_output=True, text=True, env=self.env(), timeout=30)
+        return result.returncode == 0 and set(result.stdout.split()) == {"idle"}
 
     def _wait_for(self, condition, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -201,10 +215,10 @@ class SlurmCluster:
                 while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
                     time.sleep(0.5)
         finally:
-            # slurmd first (its job steps are gone by now), the controller, then munged that both talk to.
-            for name in ("slurmd", "slurmctld", "munged"):
-                process = self.processes.get(name)
-                if process is None or process.poll() is not None:
+            # In reverse start order: slurmd first (its job steps are gone by now), the controller, then munged.
+            for name in reversed(list(self.processes)):
+                process = self.processes[name]
+                if process.poll() is not None:
                     continue
                 process.send_signal(signal.SIGTERM)
                 try:
@@ -217,16 +231,16 @@ class SlurmCluster:
     # ------------------------------------------------------------------------------------------------ jobs
     def run(self, program: str, *args: str, check: bool = True, timeout_s: float = 60, **env_extra):
         """Run a Slurm client program against this cluster."""
-        result = subprocess.run([self.programs.get(program) or program, *args], capture_output=True, text=True,
-                                env=self.env(**env_extra), timeout=timeout_s)
+        result = subprocess.run(self._client_argv([self.programs.get(program) or program, *args]),
+                                capture_output=True, text=True, env=self.env(**env_extra), timeout=timeout_s)
         if check and result.returncode != 0:
             raise SlurmError(f"{program} {shlex.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
     def sbatch(self, script: str, *args: str, cwd: str, **env_extra) -> int:
         """Submit ``script`` from ``cwd`` (the job's working directory) with ``env_extra`` exported; the job id."""
-        result = subprocess.run([self.programs["sbatch"], "--parsable", *args, script], capture_output=True,
-                                text=True, env=self.env(**env_extra), cwd=cwd, timeout=60)
+        result = subprocess.run(self._client_argv([self.programs["sbatch"], "--parsable", *args, script]),
+                                capture_output=True, text=True, env=self.env(**env_extra), cwd=cwd, timeout=60)
         if result.returncode != 0:
             raise SlurmError(f"sbatch {script} failed ({result.returncode}): {result.stderr.strip()}")
         return int(result.stdout.strip().split(";")[0])

@@ -1,0 +1,268 @@
+"""Hosts on network namespaces, and a Slurm cluster whose nodes are those hosts, for the multi-node tests.
+
+``Fabric`` makes one network namespace per host (``md<pid>-<host>``), a bridge ``md<pid>br`` in the machine's own
+namespace joining them through veth pairs ``md<pid>v<K>`` (``eth0`` inside), and an address 10.213.0.<10+K> each.
+The bridge has no address, so the hosts reach each other and nothing else (no route out, and the machine itself is
+not on their network). A process runs on a host in the host's network namespace plus its own UTS namespace (the
+hostname is the host's name: ``hostname`` in a job says ``node2`` as on a cluster) and mount namespace, in which a
+hosts file naming every host (``/tmp/md<pid>-fabric-*/hosts``) is bind-mounted over /etc/hosts: names resolve
+inside the hosts, and the machine's /etc/hosts is never written. Everything else of the filesystem stays shared, as
+on a cluster with a shared filesystem (and /sys stays the machine's, with its cgroup mount, which slurmd needs;
+``ip netns exec`` would mount a fresh sysfs without it).
+
+``NetSlurmCluster`` runs munged and slurmctld on the host ``head`` and one ``slurmd -N nodeK`` on each compute
+host (``CPUs=1`` each; the machine has 2 cores); the tests' client commands (sbatch, scontrol, ...) run on ``head``.
+
+Tear-down is by pid and by name: the processes inside each namespace (``ip netns pids``, whoever started them: the
+daemons, job steps, ranks), then the namespaces, links and the hosts-file folder. Everything carries the owner's
+pid in its name, so ``sweep_leftovers()`` (run before every start, and by ``python -m tests.multinode.netns --sweep``) removes
+what a killed run left behind without touching a concurrent run's hosts. ``python -m tests.multinode.netns --check``
+lists whatever is left.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from tests.slurm.cluster import SlurmCluster, SlurmError
+
+SUBNET = "10.213.0"
+FABRIC_DIR_PREFIX = "-fabric-"
+# Names this module gives: namespaces md<hex pid>-<host>, links md<hex pid>br / md<hex pid>v<K>.
+NAMESPACE_RE = re.compile(r"^md([0-9a-f]+)-([a-z][a-z0-9]*)$")
+LINK_RE = re.compile(r"^md([0-9a-f]+)(br|v[0-9]+)$")
+FABRIC_DIR_RE = re.compile(r"^md([0-9a-f]+)-fabric-")
+INSTALL_HINT = "the multi-node tests need root and iproute2 (ip netns); `make test-multinode` runs them as root"
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and result.returncode != 0:
+        raise SlurmError(f"ip {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    result = _ip("netns", "pids", namespace, check=False)
+    return [int(pid) for pid in result.stdout.split()] if result.returncode == 0 else []
+
+
+def kill_namespace_processes(namespace: str, timeout_s: float = 20) -> None:
+    """SIGTERM every process in the namespace, SIGKILL what is left after ``timeout_s``, wait until none is left."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 30)):
+        for pid in namespace_pids(namespace):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while namespace_pids(namespace) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not namespace_pids(namespace):
+            return
+    raise SlurmError(f"processes left in namespace {namespace}: {namespace_pids(namespace)}")
+
+
+def leftovers(tag: str | None = None) -> dict:
+    """Namespaces, links and hosts-file folders with this module's names (of owner ``tag``, or any)."""
+    def ours(match):
+        return match is not None and (tag is None or f"md{match.group(1)}" == tag)
+
+    namespaces = [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
+    links = [line.split(":")[1].strip().split("@")[0]
+             for line in _ip("-o", "link", "show", check=False).stdout.splitlines() if ":" in line]
+    tmp = tempfile.gettempdir()
+    return {"namespaces": sorted(name for name in namespaces if ours(NAMESPACE_RE.match(name))),
+            "links": sorted(name for name in links if ours(LINK_RE.match(name))),
+            "hosts_files": sorted(os.path.join(tmp, name) for name in os.listdir(tmp)
+                                  if ours(FABRIC_DIR_RE.match(name)))}
+
+
+def remove(found: dict) -> None:
+    """Remove what ``leftovers`` found: processes in the namespaces first, then namespaces, links, hosts files."""
+    for namespace in found["namespaces"]:
+        kill_namespace_processes(namespace, timeout_s=5)
+        _ip("netns", "delete", namespace, check=False)
+    for link in sorted(found["links"], key=lambda name: name.endswith("br")):  # veths, then the bridge
+        _ip("link", "delete", link, check=False)
+    for folder in found["hosts_files"]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_leftovers() -> dict:
+    """Remove what runs whose owner process is gone left behind (a kill -9, a machine reset); returns it."""
+    found = leftovers()
+    def owner(name: str) -> int:
+        base = os.path.basename(name)
+        return int((NAMESPACE_RE.match(base) or LINK_RE.match(base) or FABRIC_DIR_RE.match(base)).group(1), 16)
+
+    dead = {key: [name for name in names if not _pid_alive(owner(name))] for key, names in found.items()}
+    remove(dead)
+    return dead
+
+
+class Fabric:
+    """Hosts on network namespaces behind one bridge (see the module docstring); ``up()`` / ``down()``."""
+
+    def __init__(self, hosts: list[str], tag: str | None = None):
+        self.tag = tag or f"md{os.getpid():x}"
+        self.hosts = list(hosts)
+        self.addresses = {host: f"{SUBNET}.{10 + index}" for index, host in enumerate(self.hosts)}
+        self.bridge = f"{self.tag}br"
+        self.dir = None
+
+    def namespace(self, host: str) -> str:
+        return f"{self.tag}-{host}"
+
+    def hosts_file(self) -> str:
+        lines = ["127.0.0.1 localhost"] + [f"{address} {host}" for host, address in self.addresses.items()]
+        return "\n".join(lines) + "\n"
+
+    def up(self) -> "Fabric":
+        if shutil.which("ip") is None or os.geteuid() != 0:
+            raise SlurmError(INSTALL_HINT)
+        sweep_leftovers()
+        self.dir = tempfile.mkdtemp(prefix=self.tag + FABRIC_DIR_PREFIX)
+        os.chmod(self.dir, 0o755)
+        with open(os.path.join(self.dir, "hosts"), "w") as handle:
+            handle.write(self.hosts_file())
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("link", "set", self.bridge, "up")
+            for index, host in enumerate(self.hosts):
+                namespace, veth = self.namespace(host), f"{self.tag}v{index}"
+                _ip("netns", "add", namespace)
+                _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+                _ip("link", "set", veth, "master", self.bridge, "up")
+                _ip("-n", namespace, "addr", "add", f"{self.addresses[host]}/24", "dev", "eth0")
+                _ip("-n", namespace, "link", "set", "eth0", "up")
+                _ip("-n", namespace, "link", "set", "lo", "up")
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def argv(self, host: str, argv: list[str]) -> list[str]:
+        """``argv`` run on ``host``: in its network namespace, a UTS namespace named after it and a mount
+        namespace with the fabric's hosts file over /etc/hosts."""
+        return ["nsenter", f"--net=/run/netns/{self.namespace(host)}", "unshare", "--uts", "--mount",
+                "--propagation", "private", "--", "sh", "-c",
+                'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"', host,
+                os.path.join(self.dir, "hosts"), *argv]
+
+    def pids(self, host: str) -> list[int]:
+        return namespace_pids(self.namespace(host))
+
+    def set_link(self, host: str, state: str) -> None:
+        """Cut (``down``) or restore (``up``) the host's cable to the bridge."""
+        _ip("link", "set", f"{self.tag}v{self.hosts.index(host)}", state)
+
+    def down(self) -> None:
+        """Stop every process on the hosts and remove the namespaces, links and hosts files; raise if anything
+        is left."""
+        remove(leftovers(self.tag))
+        deadline = time.monotonic() + 30
+        while any(leftovers(self.tag).values()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # a namespace's interfaces go away asynchronously after its last process
+            remove(leftovers(self.tag))
+        left = leftovers(self.tag)
+        if any(left.values()):
+            raise SlurmError(f"could not remove {left}")
+
+
+class NetSlurmCluster(SlurmCluster):
+    """munged + slurmctld on ``head``, one ``slurmd -N nodeK`` per compute host, every host its own network
+    namespace (``Fabric``); the client commands run on ``head``."""
+
+    def __init__(self, num_nodes: int = 2, cpus_per_node: int = 1, slurmd_timeout_s: int = 10, **kwargs):
+        super().__init__(num_cpus=cpus_per_node, **kwargs)
+        self.nodes = [f"node{index}" for index in range(1, num_nodes + 1)]
+        self.fabric = Fabric(["head", *self.nodes])
+        self.hostname = "head"
+        self.slurmd_timeout_s = slurmd_timeout_s
+
+    def _conf_settings(self) -> dict:
+        settings = super()._conf_settings()
+        settings.update({
+            "ClusterName": "megadoremi-multinode",
+            "SlurmctldHost": f"head({self.fabric.addresses['head']})",
+            "SlurmctldPort": 6817,  # every host has its own ports
+            "SlurmdPort": 6818,
+            # One spool, pid file and log per node (%n: the node name), on the shared filesystem.
+            "SlurmdSpoolDir": os.path.join(self.root, "spool", "%n"),
+            "SlurmdPidFile": os.path.join(self.root, "slurmd-%n.pid"),
+            "SlurmdLogFile": os.path.join(self.log_dir, "slurmd-%n.log"),
+            # A node that stops answering is marked DOWN (and its jobs ended) after this long.
+            "SlurmdTimeout": self.slurmd_timeout_s,
+        })
+        return settings
+
+    def _node_lines(self) -> list[str]:
+        lines = [f"NodeName={node} NodeAddr={self.fabric.addresses[node]} CPUs={self.num_cpus} "
+                 f"RealMemory={self.real_memory_mb} State=UNKNOWN" for node in self.nodes]
+        lines.append(f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+        return lines
+
+    def _client_argv(self, argv: list[str]) -> list[str]:
+        return self.fabric.argv("head", argv)
+
+    def start(self, timeout_s: float = 60) -> "NetSlurmCluster":
+        self.fabric.up()
+        key = self._write_munge_key()
+        self._write_conf()
+        for node in self.nodes:
+            os.makedirs(os.path.join(self.root, "spool", node))
+        self._spawn("munged", self.fabric.argv("head", self._munged_argv(key)))
+        self._wait_for(lambda: os.path.exists(self.munge_socket), timeout_s, "munged to create its socket")
+        self._spawn("slurmctld", self.fabric.argv("head", [self.programs["slurmctld"], "-D", "-f", self.conf]))
+        for node in self.nodes:
+            self.start_slurmd(node)
+        self._wait_for(self._node_idle, timeout_s, "every node to be idle in sinfo")
+        return self
+
+    def start_slurmd(self, node: str) -> None:
+        self._spawn(f"slurmd-{node}", self.fabric.argv(node, [self.programs["slurmd"], "-D", "-N", node,
+                                                              "-f", self.conf]))
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.fabric.down()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="remove what runs whose owner is gone left behind")
+    parser.add_argument("--check", action="store_true", help="list what is left; exit 1 if anything is")
+    args = parser.parse_args(argv)
+    if args.sweep:
+        removed = sweep_leftovers()
+        if any(removed.values()):
+            print(f"removed {removed}")
+    if args.check:
+        left = leftovers()
+        if any(left.values()):
+            print(f"left behind: {left}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

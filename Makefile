@@ -80,3 +80,22 @@ test-slurm: venv
 			|| echo "test-slurm: could not install slurm-wlm and munge (apt-get as root); the Slurm tests will fail" >&2; \
 	fi
 	MEGADOREMI_SLURM_TESTS=1 $(PY) -m pytest -q tests/slurm
+
+# Two-node Slurm on network namespaces (tests/multinode, about 3 minutes on 2 cores): hosts head, node1, node2
+# joined by a bridge, munged + slurmctld on head, slurmd + sshd on each node; every phase across both nodes,
+# preemption, a node lost mid-run, DeepSpeed's pdsh launcher. Needs root; installs Debian's slurm-wlm, munge,
+# openssh-server and pdsh when missing. Afterwards checks that nothing (namespaces, links, daemons) was left.
+.PHONY: test-multinode
+test-multinode: venv
+	@missing=""; for program in slurmctld slurmd munged sbatch sshd pdsh ip nsenter unshare; do \
+		PATH="$$PATH:/usr/sbin:/sbin" sh -c "command -v $$program" >/dev/null 2>&1 || missing="$$missing $$program"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "test-multinode: installing slurm-wlm munge openssh-server pdsh iproute2 with apt-get (missing:$$missing)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge openssh-server \
+			pdsh iproute2 >/dev/null; } || echo "test-multinode: could not install them (apt-get as root); the tests will fail" >&2; \
+	fi
+	status=0; trap 'status=130' INT TERM; \
+	MEGADOREMI_MULTINODE_TESTS=1 $(PY) -m pytest -q tests/multinode || status=$$?; \
+	$(PY) -m tests.multinode.netns --check --sweep || status=1; \
+	exit $$status

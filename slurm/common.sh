@@ -6,8 +6,11 @@
 #   VENV              virtualenv to activate (default: $MEGADOREMI_ROOT/.venv; empty: use python from PATH)
 #   CONFIG, RUN_DIR   experiment YAML and run directory (RUN_DIR empty: the config's run_dir)
 #   EXTRA_ARGS        more overrides, shell-quoted as on a command line: "--train.steps=2000 --model.preset=70m"
+#   TRAIN_LAUNCHER    srun (default: one task per rank) | deepspeed (DeepSpeed's launcher from the batch script,
+#                     pdsh over passwordless ssh to every node of the job; no requeue on SIGUSR1, see below)
 #   TRAIN_SRUN_ARGS   srun options for training steps (default --mpi=none: ranks come from SLURM_* variables;
 #                     a site MpiDefault=pmix would otherwise make every task look like an MPI singleton)
+#   DEEPSPEED_ARGS    more options for the deepspeed launcher (TRAIN_LAUNCHER=deepspeed): "--ssh_port 2222"
 #   OMP_NUM_THREADS   default: --cpus-per-task, else 1
 #   MASTER_ADDR/PORT  default: first host of the job, 20000 + job id mod 20000 (a requeued job keeps its id)
 #
@@ -26,6 +29,8 @@ MEGADOREMI_ROOT=${MEGADOREMI_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 VENV=${VENV-$MEGADOREMI_ROOT/.venv}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 TRAIN_SRUN_ARGS=${TRAIN_SRUN_ARGS:---mpi=none}
+TRAIN_LAUNCHER=${TRAIN_LAUNCHER:-srun}
+DEEPSPEED_ARGS=${DEEPSPEED_ARGS:-}
 
 die() {
     echo "slurm/common.sh: $*" >&2
@@ -72,22 +77,43 @@ requeue_job() {
     exit 0
 }
 
-# run_training [OVERRIDE ...]: one srun step, one task per GPU (CPU: per task), on $CONFIG and $RUN_DIR.
+# run_training [OVERRIDE ...]: one srun step, one task per GPU (CPU: per task), on $CONFIG and $RUN_DIR; with
+# TRAIN_LAUNCHER=deepspeed, DeepSpeed's launcher from a hostfile of the job's nodes instead (make_deepspeed_hostfile).
 # Exit 75 (checkpointed after SIGUSR1/SIGTERM, not finished) requeues the job; the next run resumes from the
 # newest complete checkpoint (--resume auto). Any other failure is returned to the caller (set -e: the job fails).
 run_training() {
     [[ -n "${CONFIG:-}" ]] || die "CONFIG is not set (the experiment YAML)"
     [[ -f "$CONFIG" ]] || die "CONFIG=$CONFIG: no such file (relative to $PWD)"
-    local -a srun_args extra run_dir=()
+    local -a srun_args extra ds_args run_dir=()
     split_words srun_args "$TRAIN_SRUN_ARGS"
     split_words extra "$EXTRA_ARGS"
     if [[ -n "${RUN_DIR:-}" ]]; then
         run_dir=("--run_dir=$RUN_DIR")
     fi
-    local status=0
-    log "training: $CONFIG ${run_dir[*]} ${extra[*]} $* on ${SLURM_NTASKS:-1} task(s), master $MASTER_ADDR:$MASTER_PORT"
-    srun "${srun_args[@]}" python -m megadoremi.train "$CONFIG" "${run_dir[@]}" "${extra[@]}" "$@" --resume auto \
-        || status=$?
+    local status=0 hostfile envfile
+    log "training: $CONFIG ${run_dir[*]} ${extra[*]} $* on ${SLURM_NTASKS:-1} task(s) via $TRAIN_LAUNCHER," \
+        "master $MASTER_ADDR:$MASTER_PORT"
+    case "$TRAIN_LAUNCHER" in
+        srun)
+            srun "${srun_args[@]}" python -m megadoremi.train "$CONFIG" "${run_dir[@]}" "${extra[@]}" "$@" \
+                --resume auto || status=$?
+            ;;
+        deepspeed)
+            split_words ds_args "$DEEPSPEED_ARGS"
+            hostfile=$(mktemp "${TMPDIR:-/tmp}/megadoremi-hostfile.XXXXXX")
+            make_deepspeed_hostfile "$hostfile"
+            log "deepspeed hostfile: $(tr '\n' ' ' <"$hostfile")"
+            # pdsh's ssh sessions start with a bare environment; DeepSpeed exports PYTHON* and what DS_ENV_FILE
+            # lists (read on this node): the threads and PATH of this job (its virtualenv first).
+            envfile=$(mktemp "${TMPDIR:-/tmp}/megadoremi-dsenv.XXXXXX")
+            printf 'OMP_NUM_THREADS=%s\nPATH=%s\n' "$OMP_NUM_THREADS" "$PATH" >"$envfile"
+            DS_ENV_FILE=$envfile deepspeed --hostfile "$hostfile" --master_addr "$MASTER_ADDR" \
+                --master_port "$MASTER_PORT" "${ds_args[@]}" --module megadoremi.train "$CONFIG" "${run_dir[@]}" \
+                "${extra[@]}" "$@" --resume auto || status=$?
+            rm -f "$hostfile" "$envfile"
+            ;;
+        *) die "TRAIN_LAUNCHER=$TRAIN_LAUNCHER: expected srun or deepspeed" ;;
+    esac
     if [[ $status -eq $EXIT_REQUEUE ]]; then
         requeue_job "training checkpointed after a signal; the next run resumes from the checkpoint"
     elif [[ $status -eq $EXIT_KILLED_BY_USR1 ]]; then
@@ -110,18 +136,15 @@ run_python_step() {
 }
 
 # make_deepspeed_hostfile PATH [SLOTS]: a DeepSpeed hostfile ("host slots=N" per node of the job), for launching
-# with `deepspeed --hostfile` instead of srun. SLOTS: processes per node (default: GPUs per node, else tasks per
-# node). Usage, in a job with one task per node (#SBATCH --ntasks-per-node=1, --gpus-per-node=8):
+# with `deepspeed --hostfile` instead of srun (run_training does it with TRAIN_LAUNCHER=deepspeed). SLOTS:
+# processes per node (default: GPUs per node, else tasks per node), so a job has one task per node
+# (#SBATCH --ntasks-per-node=1, --gpus-per-node=8).
 #
-#   make_deepspeed_hostfile "$RUN_DIR/hostfile"
-#   deepspeed --hostfile "$RUN_DIR/hostfile" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-#       --module megadoremi.train "$CONFIG" --run_dir="$RUN_DIR" --resume auto
-#
-# DeepSpeed starts the other nodes' processes with pdsh over passwordless ssh (it checks ssh to the first host
-# first; on a single node add --no_ssh_check, it then starts the ranks locally). Requeue-on-signal is srun's
-# feature only (run_training): the launcher runs inside the batch step, so `scancel --signal=USR1` (job steps)
-# does not reach it, and --full would also kill DeepSpeed's launcher (SIGUSR1's default action). Rely on
-# checkpoint.interval and resubmit (--resume auto picks up the newest checkpoint).
+# DeepSpeed starts every node's processes with pdsh over passwordless ssh (it checks ssh to the first host
+# first; on a single node it starts the ranks locally). Requeue-on-signal is srun's feature only: the launcher runs
+# inside the batch step, so `scancel --signal=USR1` (job steps) does not reach it, and --full would also kill
+# DeepSpeed's launcher (SIGUSR1's default action). Rely on checkpoint.interval and resubmit (--resume auto picks up
+# the newest checkpoint).
 make_deepspeed_hostfile() {
     local path=$1
     local slots=${2:-${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-1}}}

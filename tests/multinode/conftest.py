@@ -37,10 +37,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def net_cluster():
-    """head (munged, slurmctld) + node1, node2 (one slurmd each, CPUs=1), each host a network namespace; torn
-    down at the end of the session, also after a failure or Ctrl-C."""
+    """head (munged, slurmctld) + node1, node2 (one slurmd and one sshd each, CPUs=1), each host a network
+    namespace; torn down at the end of the session, also after a failure or Ctrl-C."""
     try:
-        cluster = NetSlurmCluster(num_nodes=2, cpus_per_node=1)
+        cluster = NetSlurmCluster(num_nodes=2, cpus_per_node=1, ssh=True)
     except SlurmError as error:
         pytest.fail(str(error), pytrace=False)
     try:

@@ -23,6 +23,7 @@ lists whatever is left.
 import argparse
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -105,14 +106,16 @@ def remove(found: dict) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _owner(name: str) -> int:
+    """The pid in the name of a namespace, link or fabric folder this module made."""
+    base = os.path.basename(name)
+    return int((NAMESPACE_RE.match(base) or LINK_RE.match(base) or FABRIC_DIR_RE.match(base)).group(1), 16)
+
+
 def sweep_leftovers() -> dict:
     """Remove what runs whose owner process is gone left behind (a kill -9, a machine reset); returns it."""
     found = leftovers()
-    def owner(name: str) -> int:
-        base = os.path.basename(name)
-        return int((NAMESPACE_RE.match(base) or LINK_RE.match(base) or FABRIC_DIR_RE.match(base)).group(1), 16)
-
-    dead = {key: [name for name in names if not _pid_alive(owner(name))] for key, names in found.items()}
+    dead = {key: [name for name in names if not _pid_alive(_owner(name))] for key, names in found.items()}
     remove(dead)
     return dead
 
@@ -126,6 +129,8 @@ class Fabric:
         self.addresses = {host: f"{SUBNET}.{10 + index}" for index, host in enumerate(self.hosts)}
         self.bridge = f"{self.tag}br"
         self.dir = None
+        # Files bind-mounted over the machine's inside the hosts: {path on the hosts: the fabric's file}.
+        self.binds: dict[str, str] = {}
 
     def namespace(self, host: str) -> str:
         return f"{self.tag}-{host}"
@@ -142,6 +147,7 @@ class Fabric:
         os.chmod(self.dir, 0o755)
         with open(os.path.join(self.dir, "hosts"), "w") as handle:
             handle.write(self.hosts_file())
+        self.binds["/etc/hosts"] = os.path.join(self.dir, "hosts")
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("link", "set", self.bridge, "up")
@@ -158,13 +164,15 @@ class Fabric:
             raise
         return self
 
-    def argv(self, host: str, argv: list[str]) -> list[str]:
+    def argv(self, host: str, argv: list[str], setup: str = "") -> list[str]:
         """``argv`` run on ``host``: in its network namespace, a UTS namespace named after it and a mount
-        namespace with the fabric's hosts file over /etc/hosts."""
+        namespace with the fabric's files over the machine's (``binds``: /etc/hosts, ...); ``setup``: more shell
+        commands run there first (as root, inside that mount namespace)."""
+        steps = [f"mount --bind {shlex.quote(source)} {shlex.quote(target)}" for target, source in self.binds.items()]
+        steps += [setup] if setup else []
+        steps += ['hostname "$0"', 'exec "$@"']
         return ["nsenter", f"--net=/run/netns/{self.namespace(host)}", "unshare", "--uts", "--mount",
-                "--propagation", "private", "--", "sh", "-c",
-                'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"', host,
-                os.path.join(self.dir, "hosts"), *argv]
+                "--propagation", "private", "--", "sh", "-c", " && ".join(steps), host, *argv]
 
     def pids(self, host: str) -> list[int]:
         return namespace_pids(self.namespace(host))
@@ -190,12 +198,19 @@ class NetSlurmCluster(SlurmCluster):
     """munged + slurmctld on ``head``, one ``slurmd -N nodeK`` per compute host, every host its own network
     namespace (``Fabric``); the client commands run on ``head``."""
 
-    def __init__(self, num_nodes: int = 2, cpus_per_node: int = 1, slurmd_timeout_s: int = 10, **kwargs):
+    def __init__(self, num_nodes: int = 2, cpus_per_node: int = 1, slurmd_timeout_s: int = 10, ssh: bool = False,
+                 **kwargs):
         super().__init__(num_cpus=cpus_per_node, **kwargs)
         self.nodes = [f"node{index}" for index in range(1, num_nodes + 1)]
         self.fabric = Fabric(["head", *self.nodes])
         self.hostname = "head"
         self.slurmd_timeout_s = slurmd_timeout_s
+        self.ssh = ssh
+        if ssh:
+            for program in ("sshd", "ssh", "ssh-keygen", "pdsh"):
+                if shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+                    raise SlurmError(f"{program} is not installed: apt-get install openssh-server pdsh "
+                                     "(`make test-multinode` does it as root)")
 
     def _conf_settings(self) -> dict:
         settings = super()._conf_settings()
@@ -231,10 +246,48 @@ class NetSlurmCluster(SlurmCluster):
         self._spawn("munged", self.fabric.argv("head", self._munged_argv(key)))
         self._wait_for(lambda: os.path.exists(self.munge_socket), timeout_s, "munged to create its socket")
         self._spawn("slurmctld", self.fabric.argv("head", [self.programs["slurmctld"], "-D", "-f", self.conf]))
+        if self.ssh:
+            self._start_sshd()
         for node in self.nodes:
             self.start_slurmd(node)
         self._wait_for(self._node_idle, timeout_s, "every node to be idle in sinfo")
+        if self.ssh:
+            self._wait_for(self._ssh_works, timeout_s, "ssh from node1 to every node")
         return self
+
+    def _start_sshd(self) -> None:
+        """Passwordless ssh between the hosts, as DeepSpeed's pdsh launcher needs: one sshd per compute host
+        (its host key, config and authorized key in the cluster's directory), and an ssh client config naming
+        the key, bind-mounted over /etc/ssh/ssh_config inside the hosts only (the machine's ssh files and
+        ~/.ssh are not touched)."""
+        ssh_dir = os.path.join(self.root, "ssh")
+        os.makedirs(ssh_dir, mode=0o700)
+        for key in ("host_key", "id_ed25519"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(ssh_dir, key)],
+                           check=True, capture_output=True, timeout=30)
+        shutil.copy(os.path.join(ssh_dir, "id_ed25519.pub"), os.path.join(ssh_dir, "authorized_keys"))
+        sshd_config = os.path.join(ssh_dir, "sshd_config")
+        with open(sshd_config, "w") as handle:
+            handle.write(f"Port 22\nHostKey {ssh_dir}/host_key\nAuthorizedKeysFile {ssh_dir}/authorized_keys\n"
+                         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                         "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n"
+                         "AcceptEnv none\nLogLevel ERROR\n")
+        ssh_config = os.path.join(ssh_dir, "ssh_config")
+        with open(ssh_config, "w") as handle:
+            handle.write(f"Host *\n  IdentityFile {ssh_dir}/id_ed25519\n  StrictHostKeyChecking no\n"
+                         "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n")
+        self.fabric.binds["/etc/ssh/ssh_config"] = ssh_config
+        sshd = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        for node in self.nodes:
+            # sshd needs its privilege-separation directory /run/sshd: a private /run for this sshd only.
+            self._spawn(f"sshd-{node}", self.fabric.argv(node, [sshd, "-D", "-e", "-f", sshd_config],
+                                                         setup="mount -t tmpfs tmpfs /run && mkdir /run/sshd"))
+
+    def _ssh_works(self) -> bool:
+        result = subprocess.run(self.fabric.argv(self.nodes[0], ["pdsh", "-R", "ssh", "-w", ",".join(self.nodes),
+                                                                 "hostname"]),
+                                capture_output=True, text=True, timeout=30)
+        return result.returncode == 0 and sorted(result.stdout.split()[1::2]) == self.nodes
 
     def start_slurmd(self, node: str) -> None:
         self._spawn(f"slurmd-{node}", self.fabric.argv(node, [self.programs["slurmd"], "-D", "-N", node,
@@ -247,21 +300,50 @@ class NetSlurmCluster(SlurmCluster):
             self.fabric.down()
 
 
+def hold(fail: bool) -> int:
+    """Start a cluster (with ssh) and a 2-node job that sleeps, print "ready <tag>" and wait: for the tear-down
+    tests, which interrupt or kill this process."""
+    cluster = NetSlurmCluster(ssh=True)
+    try:
+        cluster.start()
+        job = cluster.run("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--output=/dev/null",
+                          "--wrap", "srun --mpi=none sleep 600").stdout.strip()
+        deadline = time.monotonic() + 60
+        while cluster.job(int(job)).get("JobState") != "RUNNING" or len(cluster.fabric.pids("node2")) < 3:
+            if time.monotonic() > deadline:
+                raise SlurmError(f"job {job} did not start")
+            time.sleep(0.2)
+        if fail:
+            raise RuntimeError("failing on purpose after start")
+        print(f"ready {cluster.fabric.tag}", flush=True)
+        time.sleep(600)
+    finally:
+        cluster.stop()
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="remove what runs whose owner is gone left behind")
-    parser.add_argument("--check", action="store_true", help="list what is left; exit 1 if anything is")
+    parser.add_argument("--check", action="store_true",
+                        help="list what runs whose owner is gone left behind; exit 1 if there is anything")
+    parser.add_argument("--sweep", action="store_true", help="remove what runs whose owner is gone left behind "
+                                                             "(after --check)")
+    parser.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fail", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.hold:
+        return hold(args.fail)
+    status = 0
+    if args.check:
+        left = {key: [name for name in names if not _pid_alive(_owner(name))] for key, names in leftovers().items()}
+        if any(left.values()):
+            print(f"left behind by earlier runs: {left}", file=sys.stderr)
+            status = 1
     if args.sweep:
         removed = sweep_leftovers()
         if any(removed.values()):
             print(f"removed {removed}")
-    if args.check:
-        left = leftovers()
-        if any(left.values()):
-            print(f"left behind: {left}", file=sys.stderr)
-            return 1
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -64,10 +64,10 @@ def one_node_main(setup):
     return run_dir
 
 
-def submit_main(net_jobs, setup, name: str, *extra: str) -> tuple[str, int]:
+def submit_main(net_jobs, setup, name: str, *extra: str, **env) -> tuple[str, int]:
     run_dir = os.path.join(setup["root"], name)
     job = net_jobs.submit("main.sbatch", *TWO_NODES, CONFIG=setup["config"], RUN_DIR=run_dir,
-                          WEIGHTS=setup["weights"], EXTRA_ARGS=" ".join([*OVERRIDES, *extra]))
+                          WEIGHTS=setup["weights"], EXTRA_ARGS=" ".join([*OVERRIDES, *extra]), **env)
     return run_dir, job
 
 
@@ -82,7 +82,7 @@ def test_main_sbatch_across_two_nodes_equals_one_node(two_node_main, one_node_ma
     assert info["NodeList"] == "node[1-2]" and info["NumNodes"] == "2" and info["NumTasks"] == "2", info
     log = net_jobs.log(info)
     # The rendezvous is node1 (scontrol show hostnames), reached from node2 over the namespace network.
-    assert "on 2 task(s), master node1:" in log, log[-3000:]
+    assert "on 2 task(s) via srun, master node1:" in log, log[-3000:]
     assert "world 2 = 1 pipeline x 2 data-parallel" in log
     two, one = losses(run_dir), losses(one_node_main)
     assert len(two) == len(one) == STEPS
@@ -219,3 +219,16 @@ def test_a_rank_killed_on_one_node_fails_the_job_at_once_naming_it(net_jobs, net
     assert "srun: error: node2: task 1: Killed" in log, log[-4000:]
     assert "megadoremi-train: rank 0 of 2 on node1 failed: " in log and "(peer 10.213.0.12 = node2)" in log, \
         log[-4000:]
+
+
+def test_deepspeed_hostfile_launch_across_two_nodes_equals_one_node(net_jobs, setup, one_node_main):
+    """TRAIN_LAUNCHER=deepspeed: the batch script on node1 writes a hostfile of the job's nodes and DeepSpeed's
+    launcher starts one rank per node with pdsh over ssh (sshd on each node); same losses as one node."""
+    run_dir, job = submit_main(net_jobs, setup, "deepspeed_launcher", TRAIN_LAUNCHER="deepspeed")
+    info = net_jobs.wait_completed(job)
+    log = net_jobs.log(info)
+    assert "via deepspeed, master node1:" in log and "deepspeed hostfile: node1 slots=1 node2 slots=1" in log, \
+        log[-3000:]
+    assert "Running on the following workers: node1,node2" in log, log[-3000:]
+    assert "node2: " in log and "node_rank=1" in log  # rank 1 started on node2 through ssh
+    np.testing.assert_allclose(losses(run_dir), losses(one_node_main), rtol=0, atol=1e-6)

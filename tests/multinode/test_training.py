@@ -11,33 +11,13 @@ import numpy as np
 import pytest
 
 from tests.helpers.launch import read_jsonl, run_training, write_config
-from tests.slurm.cluster import JOB_TIMEOUT_S, SlurmError, read_tail
+from tests.slurm.cluster import SlurmError, count_lines, read_tail, wait_until
 
 TWO_NODES = ("--nodes=2", "--ntasks-per-node=1")
 # Long enough that a signal lands mid-run, short enough for several runs.
 STEPS = 120
 OVERRIDES = [f"--train.steps={STEPS}", "--train.seq_length=64"]
 WEIGHTS = {"stdlib_code": 0.3, "licenses": 0.25, "arithmetic": 0.2, "boilerplate": 0.15, "random_chars": 0.1}
-
-
-def count_lines(path: str) -> int:
-    try:
-        with open(path) as handle:
-            return sum(1 for line in handle if line.strip())
-    except FileNotFoundError:
-        return 0
-
-
-def wait_until(cluster, job: int, condition, what: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
-    """Poll ``condition()`` while the job is queued or running; fail if it ends (or times out) first."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        info = cluster.job(job)
-        if info["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING"):
-            raise SlurmError(f"job {job} is {info['JobState']} before {what}\n{read_tail(info['StdOut'])}")
-        if time.monotonic() > deadline:
-            raise SlurmError(f"job {job}: no {what} after {timeout_s:.0f} s\n{read_tail(info['StdOut'])}")
-        time.sleep(0.05)
 
 
 def losses(run_dir: str) -> list[float]:
@@ -188,7 +168,7 @@ def test_a_node_lost_mid_run_fails_the_job_and_the_requeued_run_resumes(net_jobs
         assert node_states(net_cluster)["node2"].startswith("down"), node_states(net_cluster)
         log = net_jobs.log(info)
         assert f"Timed out waiting {COLLECTIVE_TIMEOUT_S * 1000}ms" in log, log[-4000:]
-        assert (f"megadoremi-train: rank 0 of 2 on node1 failed: " in log
+        assert ("megadoremi-train: rank 0 of 2 on node1 failed: " in log
                 and f"parallel.collective_timeout_s={COLLECTIVE_TIMEOUT_S} s" in log), log[-4000:]
         assert "Node failure on node2" in log and "DUE TO NODE FAILURE" in log, log[-4000:]
         assert ended_after_s < COLLECTIVE_TIMEOUT_S + net_cluster.slurmd_timeout_s + 40, ended_after_s

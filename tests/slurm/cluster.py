@@ -296,3 +296,24 @@ def read_tail(path: str | None, num_chars: int = 6000) -> str:
         return f"(no log at {path})"
     with open(path, errors="replace") as handle:
         return handle.read()[-num_chars:]
+
+
+def count_lines(path: str) -> int:
+    """Non-empty lines of a file (0 if it does not exist yet): how far a run's metrics.jsonl has got."""
+    try:
+        with open(path) as handle:
+            return sum(1 for line in handle if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+def wait_until(cluster: SlurmCluster, job: int, condition, what: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    """Poll ``condition()`` while the job is queued or running; fail if it ends (or times out) first."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        info = cluster.job(job)
+        if info["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING"):
+            raise SlurmError(f"job {job} is {info['JobState']} before {what}\n{read_tail(info['StdOut'])}")
+        if time.monotonic() > deadline:
+            raise SlurmError(f"job {job}: no {what} after {timeout_s:.0f} s\n{read_tail(info['StdOut'])}")
+        time.sleep(0.05)

@@ -86,11 +86,15 @@ def lr_at(step: int, train: TrainConfig) -> float:
 
 
 def param_groups(module: torch.nn.Module) -> list[dict]:
-    """Weight decay on matrices only: norms' and biases' vectors go into a group without decay."""
+    """Weight decay on matrices only: norms' and biases' vectors go into a group without decay.
+
+    The shape is the parameter's real one: under ZeRO-3 (``deepspeed.zero.Init``) a partitioned parameter's
+    ``data`` is an empty 1-D tensor and its shape is ``ds_shape``; reading ``param.dim()`` put every matrix in the
+    no-decay group, so ZeRO-3 runs trained without weight decay."""
     decay, no_decay = [], []
     for param in module.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

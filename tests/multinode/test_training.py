@@ -149,14 +149,14 @@ COLLECTIVE_TIMEOUT_S = 15
 
 def test_a_node_lost_mid_run_fails_the_job_and_the_requeued_run_resumes(net_jobs, net_cluster, setup,
                                                                          two_node_main):
-    """node2's cable is cut after the step-20 checkpoint: rank 0 on node1 stops at the collective timeout (no
+    """node2's cable is cut after the step-10 checkpoint: rank 0 on node1 stops at the collective timeout (no
     rank hangs), Slurm declares node2 lost (SlurmdTimeout) and requeues the job; when the cable is back, node2
     returns to service and the requeued run resumes from the last complete checkpoint and ends exactly where an
     uninterrupted run does."""
-    run_dir, job = submit_main(net_jobs, setup, "node_lost", "--checkpoint.interval=20",
+    run_dir, job = submit_main(net_jobs, setup, "node_lost", "--checkpoint.interval=10",
                                f"--parallel.collective_timeout_s={COLLECTIVE_TIMEOUT_S}")
-    checkpoint = os.path.join(run_dir, "checkpoints", "step_00000020", "MANIFEST.json")
-    wait_until(net_cluster, job, lambda: os.path.exists(checkpoint), "the step-20 checkpoint")
+    checkpoint = os.path.join(run_dir, "checkpoints", "step_00000010", "MANIFEST.json")
+    wait_until(net_cluster, job, lambda: os.path.exists(checkpoint), "the step-10 checkpoint")
     net_cluster.fabric.set_link("node2", "down")
     cut = time.monotonic()
     try:
@@ -179,6 +179,9 @@ def test_a_node_lost_mid_run_fails_the_job_and_the_requeued_run_resumes(net_jobs
     resumed = [line for line in log.splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and f"{run_dir}/checkpoints/step_000000" in resumed[0], log[-4000:]
     assert losses(run_dir) == losses(two_node_main[0])
+    deadline = time.monotonic() + 60  # both nodes back in service (after the job's completing phase)
+    while node_states(net_cluster) != {"node1": "idle", "node2": "idle"} and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert node_states(net_cluster) == {"node1": "idle", "node2": "idle"}
 
 

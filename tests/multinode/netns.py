@@ -303,6 +303,8 @@ class NetSlurmCluster(SlurmCluster):
 def hold(fail: bool) -> int:
     """Start a cluster (with ssh) and a 2-node job that sleeps, print "ready <tag>" and wait: for the tear-down
     tests, which interrupt or kill this process."""
+    # Ctrl-C as in a terminal, even when started from a shell that ignores SIGINT (a background job, nohup).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cluster = NetSlurmCluster(ssh=True)
     try:
         cluster.start()

@@ -116,8 +116,8 @@ class ParallelConfig:
     ds_config_template: str | None = None  # default: ds_configs/zero{stage}.json shipped with the package
     # Seconds a collective (all-reduce, barrier, rendezvous) waits for the other ranks before it fails the run: a
     # rank whose peer died or whose node dropped off the network stops after this long instead of hanging
-    # (docs/cluster.md). torch's default; it must exceed the longest stretch one rank spends alone (rank 0
-    # writing model.pt at the end).
+    # (docs/cluster.md). torch's default for gloo (NCCL's is 10 min); it must exceed the longest stretch one rank
+    # spends alone (rank 0 writing model.pt at the end).
     collective_timeout_s: int = 1800
 
     def validate(self) -> None:

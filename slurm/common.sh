@@ -90,7 +90,7 @@ run_training() {
     if [[ -n "${RUN_DIR:-}" ]]; then
         run_dir=("--run_dir=$RUN_DIR")
     fi
-    local status=0 hostfile envfile
+    local status=0 hostfile envfile user_env
     log "training: $CONFIG ${run_dir[*]} ${extra[*]} $* on ${SLURM_NTASKS:-1} task(s) via $TRAIN_LAUNCHER," \
         "master $MASTER_ADDR:$MASTER_PORT"
     case "$TRAIN_LAUNCHER" in
@@ -104,9 +104,15 @@ run_training() {
             make_deepspeed_hostfile "$hostfile"
             log "deepspeed hostfile: $(tr '\n' ' ' <"$hostfile")"
             # pdsh's ssh sessions start with a bare environment; DeepSpeed exports PYTHON* and what DS_ENV_FILE
-            # lists (read on this node): the threads and PATH of this job (its virtualenv first).
+            # lists (read on this node): the threads and PATH of this job (its virtualenv first), then the user's
+            # own file (~/.deepspeed_env, or what their DS_ENV_FILE names), which DS_ENV_FILE would hide.
             envfile=$(mktemp "${TMPDIR:-/tmp}/megadoremi-dsenv.XXXXXX")
             printf 'OMP_NUM_THREADS=%s\nPATH=%s\n' "$OMP_NUM_THREADS" "$PATH" >"$envfile"
+            for user_env in "${DS_ENV_FILE:-$HOME/.deepspeed_env}" ./.deepspeed_env; do
+                if [[ -f "$user_env" ]]; then
+                    grep -v '^[[:space:]]*$' "$user_env" >>"$envfile" || true
+                fi
+            done
             DS_ENV_FILE=$envfile deepspeed --hostfile "$hostfile" --master_addr "$MASTER_ADDR" \
                 --master_port "$MASTER_PORT" "${ds_args[@]}" --module megadoremi.train "$CONFIG" "${run_dir[@]}" \
                 "${extra[@]}" "$@" --resume auto || status=$?

@@ -348,6 +348,7 @@ class _DistributedRun:
                 except PreprocessError as failure:
                     error = str(failure)
             files, error = comm.bcast((files, error), root=0)
+            self.hosts = comm.allgather(self.MPI.Get_processor_name())  # each rank's node, for the log
             if error:
                 raise DistributedInputError(error, quiet=rank != 0)
             self.files = files
@@ -436,9 +437,8 @@ class _DistributedRun:
     def _tokenize(self, ranges: list[InputRange], first_lines: list[int]) -> PreprocessStats:
         config, rank = self.config, self.rank
         total = sum(r.end - r.start for r in ranges)
-        hosts = self.comm.allgather(self.MPI.Get_processor_name())  # which node each rank runs on, for the log
         logger.info("rank %d/%d: %d range(s), %.2f MB, %d worker(s); ranks on %s", rank, self.size, len(ranges),
-                    total / 1e6, config.workers, ", ".join(hosts))
+                    total / 1e6, config.workers, ", ".join(self.hosts))
         progress = Progress(total, config.progress_bar, config.log_interval_s, config.log_interval_docs,
                             label="tokenizing (rank 0 share)", enabled=rank == 0)
         sinks = self.writers if rank == 0 else self.parts

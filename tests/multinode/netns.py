@@ -1,11 +1,12 @@
 """Hosts on network namespaces, and a Slurm cluster whose nodes are those hosts, for the multi-node tests.
 
-``Fabric`` makes one network namespace per host (``md<pid>-<host>``), a bridge ``md<pid>br`` in the machine's own
-namespace joining them through veth pairs ``md<pid>v<K>`` (``eth0`` inside), and an address 10.213.0.<10+K> each.
-The bridge has no address, so the hosts reach each other and nothing else (no route out, and the machine itself is
-not on their network). A process runs on a host in the host's network namespace plus its own UTS namespace (the
+``Fabric`` makes one network namespace per host (``mdmn<pid>-<host>``), a bridge ``mdmn<pid>br`` in the machine's
+own namespace joining them through veth pairs ``mdmn<pid>v<K>`` (``eth0`` inside), and an address 10.213.0.<10+K>
+each. The bridge has no address (IPv4 or IPv6) and does not pass its traffic to iptables, so the hosts reach each
+other and nothing else (no route out, the machine itself is not on their network, and a firewall that drops
+forwarded packets, as Docker's does, does not cut them off). A process runs on a host in the host's network namespace plus its own UTS namespace (the
 hostname is the host's name: ``hostname`` in a job says ``node2`` as on a cluster) and mount namespace, in which a
-hosts file naming every host (``/tmp/md<pid>-fabric-*/hosts``) is bind-mounted over /etc/hosts: names resolve
+hosts file naming every host (``/tmp/mdmn<pid>-fabric-*/hosts``) is bind-mounted over /etc/hosts: names resolve
 inside the hosts, and the machine's /etc/hosts is never written. Everything else of the filesystem stays shared, as
 on a cluster with a shared filesystem (and /sys stays the machine's, with its cgroup mount, which slurmd needs;
 ``ip netns exec`` would mount a fresh sysfs without it).
@@ -14,13 +15,14 @@ on a cluster with a shared filesystem (and /sys stays the machine's, with its cg
 host (``CPUs=1`` each; the machine has 2 cores); the tests' client commands (sbatch, scontrol, ...) run on ``head``.
 
 Tear-down is by pid and by name: the processes inside each namespace (``ip netns pids``, whoever started them: the
-daemons, job steps, ranks), then the namespaces, links and the hosts-file folder. Everything carries the owner's
+daemons, job steps, ranks), then the namespaces, links and folders (hosts files, the cluster state). Everything carries the owner's
 pid in its name, so ``sweep_leftovers()`` (run before every start, and by ``python -m tests.multinode.netns --sweep``) removes
 what a killed run left behind without touching a concurrent run's hosts. ``python -m tests.multinode.netns --check``
 lists whatever is left.
 """
 
 import argparse
+import getpass
 import os
 import re
 import shlex
@@ -34,11 +36,14 @@ import time
 from tests.slurm.cluster import SlurmCluster, SlurmError
 
 SUBNET = "10.213.0"
+SSH_CLIENT_CONFIG = "/etc/ssh/ssh_config"
 FABRIC_DIR_PREFIX = "-fabric-"
-# Names this module gives: namespaces md<hex pid>-<host>, links md<hex pid>br / md<hex pid>v<K>.
-NAMESPACE_RE = re.compile(r"^md([0-9a-f]+)-([a-z][a-z0-9]*)$")
-LINK_RE = re.compile(r"^md([0-9a-f]+)(br|v[0-9]+)$")
-FABRIC_DIR_RE = re.compile(r"^md([0-9a-f]+)-fabric-")
+# Names this module gives: namespaces mdmn<hex pid>-<host>, links mdmn<hex pid>br / mdmn<hex pid>v<K>, folders
+# /tmp/mdmn<hex pid>-fabric-* (hosts and ssh client files) and /tmp/mdmn<hex pid>-slurm-* (the cluster's state).
+PREFIX = "mdmn"
+NAMESPACE_RE = re.compile(rf"^{PREFIX}([0-9a-f]+)-(head|node[0-9]+)$")
+LINK_RE = re.compile(rf"^{PREFIX}([0-9a-f]+)(br|v[0-9]+)$")
+FABRIC_DIR_RE = re.compile(rf"^{PREFIX}([0-9a-f]+)-(fabric|slurm)-")
 INSTALL_HINT = "the multi-node tests need root and iproute2 (ip netns); `make test-multinode` runs them as root"
 
 
@@ -81,9 +86,9 @@ def kill_namespace_processes(namespace: str, timeout_s: float = 20) -> None:
 
 
 def leftovers(tag: str | None = None) -> dict:
-    """Namespaces, links and hosts-file folders with this module's names (of owner ``tag``, or any)."""
+    """Namespaces, links and folders with this module's names (of owner ``tag``, or any)."""
     def ours(match):
-        return match is not None and (tag is None or f"md{match.group(1)}" == tag)
+        return match is not None and (tag is None or f"{PREFIX}{match.group(1)}" == tag)
 
     namespaces = [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
     links = [line.split(":")[1].strip().split("@")[0]
@@ -91,7 +96,7 @@ def leftovers(tag: str | None = None) -> dict:
     tmp = tempfile.gettempdir()
     return {"namespaces": sorted(name for name in namespaces if ours(NAMESPACE_RE.match(name))),
             "links": sorted(name for name in links if ours(LINK_RE.match(name))),
-            "hosts_files": sorted(os.path.join(tmp, name) for name in os.listdir(tmp)
+            "folders": sorted(os.path.join(tmp, name) for name in os.listdir(tmp)
                                   if ours(FABRIC_DIR_RE.match(name)))}
 
 
@@ -102,7 +107,7 @@ def remove(found: dict) -> None:
         _ip("netns", "delete", namespace, check=False)
     for link in sorted(found["links"], key=lambda name: name.endswith("br")):  # veths, then the bridge
         _ip("link", "delete", link, check=False)
-    for folder in found["hosts_files"]:
+    for folder in found["folders"]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -124,13 +129,15 @@ class Fabric:
     """Hosts on network namespaces behind one bridge (see the module docstring); ``up()`` / ``down()``."""
 
     def __init__(self, hosts: list[str], tag: str | None = None):
-        self.tag = tag or f"md{os.getpid():x}"
+        self.tag = tag or f"{PREFIX}{os.getpid():x}"
         self.hosts = list(hosts)
         self.addresses = {host: f"{SUBNET}.{10 + index}" for index, host in enumerate(self.hosts)}
         self.bridge = f"{self.tag}br"
         self.dir = None
-        # Files bind-mounted over the machine's inside the hosts: {path on the hosts: the fabric's file}.
+        # Files bind-mounted over the machine's inside the hosts: {path on the hosts: the fabric's file}; and more
+        # shell commands run in every host process's mount namespace before the program.
         self.binds: dict[str, str] = {}
+        self.setup: list[str] = []
 
     def namespace(self, host: str) -> str:
         return f"{self.tag}-{host}"
@@ -149,12 +156,14 @@ class Fabric:
             handle.write(self.hosts_file())
         self.binds["/etc/hosts"] = os.path.join(self.dir, "hosts")
         try:
-            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("link", "add", self.bridge, "type", "bridge", "nf_call_iptables", "0", "nf_call_ip6tables", "0")
+            _ip("link", "set", self.bridge, "addrgenmode", "none")  # no IPv6 link-local address either
             _ip("link", "set", self.bridge, "up")
             for index, host in enumerate(self.hosts):
                 namespace, veth = self.namespace(host), f"{self.tag}v{index}"
                 _ip("netns", "add", namespace)
                 _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+                _ip("link", "set", veth, "addrgenmode", "none")
                 _ip("link", "set", veth, "master", self.bridge, "up")
                 _ip("-n", namespace, "addr", "add", f"{self.addresses[host]}/24", "dev", "eth0")
                 _ip("-n", namespace, "link", "set", "eth0", "up")
@@ -169,7 +178,7 @@ class Fabric:
         namespace with the fabric's files over the machine's (``binds``: /etc/hosts, ...); ``setup``: more shell
         commands run there first (as root, inside that mount namespace)."""
         steps = [f"mount --bind {shlex.quote(source)} {shlex.quote(target)}" for target, source in self.binds.items()]
-        steps += [setup] if setup else []
+        steps += self.setup + ([setup] if setup else [])
         steps += ['hostname "$0"', 'exec "$@"']
         return ["nsenter", f"--net=/run/netns/{self.namespace(host)}", "unshare", "--uts", "--mount",
                 "--propagation", "private", "--", "sh", "-c", " && ".join(steps), host, *argv]
@@ -200,17 +209,21 @@ class NetSlurmCluster(SlurmCluster):
 
     def __init__(self, num_nodes: int = 2, cpus_per_node: int = 1, slurmd_timeout_s: int = 10, ssh: bool = False,
                  **kwargs):
-        super().__init__(num_cpus=cpus_per_node, **kwargs)
-        self.nodes = [f"node{index}" for index in range(1, num_nodes + 1)]
-        self.fabric = Fabric(["head", *self.nodes])
-        self.hostname = "head"
-        self.slurmd_timeout_s = slurmd_timeout_s
-        self.ssh = ssh
         if ssh:
             for program in ("sshd", "ssh", "ssh-keygen", "pdsh"):
                 if shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
                     raise SlurmError(f"{program} is not installed: apt-get install openssh-server pdsh "
                                      "(`make test-multinode` does it as root)")
+            if not os.path.exists(SSH_CLIENT_CONFIG):
+                raise SlurmError(f"{SSH_CLIENT_CONFIG} is missing (openssh-client): the hosts' ssh config is "
+                                 "mounted over it")
+        self.fabric = Fabric(["head"] + [f"node{index}" for index in range(1, num_nodes + 1)])
+        # The cluster's folder carries the fabric's tag, so a sweep after a killed run removes it too.
+        super().__init__(num_cpus=cpus_per_node, root_prefix=f"{self.fabric.tag}-slurm-", **kwargs)
+        self.nodes = self.fabric.hosts[1:]
+        self.hostname = "head"
+        self.slurmd_timeout_s = slurmd_timeout_s
+        self.ssh = ssh
 
     def _conf_settings(self) -> dict:
         settings = super()._conf_settings()
@@ -276,7 +289,9 @@ class NetSlurmCluster(SlurmCluster):
         with open(ssh_config, "w") as handle:
             handle.write(f"Host *\n  IdentityFile {ssh_dir}/id_ed25519\n  StrictHostKeyChecking no\n"
                          "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n")
-        self.fabric.binds["/etc/ssh/ssh_config"] = ssh_config
+        self.fabric.binds[SSH_CLIENT_CONFIG] = ssh_config
+        # ssh reads ~/.ssh/config before /etc/ssh/ssh_config: hide the machine's ~/.ssh inside the hosts.
+        self.fabric.setup.append('if [ -d "$HOME/.ssh" ]; then mount -t tmpfs tmpfs "$HOME/.ssh"; fi')
         sshd = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
         for node in self.nodes:
             # sshd needs its privilege-separation directory /run/sshd: a private /run for this sshd only.
@@ -294,10 +309,22 @@ class NetSlurmCluster(SlurmCluster):
                                                               "-f", self.conf]))
 
     def stop(self) -> None:
+        """Cancel the jobs and stop the daemons, then every process left on the hosts and the hosts themselves,
+        and only then remove the cluster's folder (job steps may still write into it until they are stopped)."""
         try:
-            super().stop()
+            if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
+                self.run("scancel", "--full", "--user", getpass.getuser(), check=False)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+                    time.sleep(0.5)
         finally:
-            self.fabric.down()
+            try:
+                self._stop_daemons()
+            finally:
+                try:
+                    self.fabric.down()
+                finally:
+                    shutil.rmtree(self.root, ignore_errors=True)
 
 
 def hold(fail: bool) -> int:

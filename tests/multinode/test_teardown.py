@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.helpers.launch import REPO_ROOT
-from tests.multinode.netns import leftovers, sweep_leftovers
+from tests.multinode.netns import PREFIX, leftovers, sweep_leftovers
 
 
 def hold(*args: str) -> subprocess.Popen:
@@ -57,11 +57,11 @@ def test_interrupted_or_failed_cluster_leaves_nothing(how):
         process.kill()
     if how == "failure":
         assert process.returncode != 0 and "failing on purpose after start" in stderr, stderr
-        tag = f"md{process.pid:x}"
+        tag = f"{PREFIX}{process.pid:x}"
     else:
         assert process.returncode != 0 and "KeyboardInterrupt" in stderr, stderr
         assert alive(pids) == []
-    assert leftovers(tag) == {"namespaces": [], "links": [], "hosts_files": []}
+    assert leftovers(tag) == {"namespaces": [], "links": [], "folders": []}
 
 
 def test_a_killed_owner_is_swept_by_the_next_run():
@@ -73,11 +73,11 @@ def test_a_killed_owner_is_swept_by_the_next_run():
     finally:
         process.kill()
     left = leftovers(tag)
-    assert left["namespaces"] and left["links"] and left["hosts_files"]  # it had no chance to clean up
+    assert left["namespaces"] and left["links"] and len(left["folders"]) == 2  # no chance to clean up
     assert alive(pids)
     removed = sweep_leftovers()
     assert all(set(left[key]) <= set(removed[key]) for key in left), (left, removed)
-    assert leftovers(tag) == {"namespaces": [], "links": [], "hosts_files": []}
+    assert leftovers(tag) == {"namespaces": [], "links": [], "folders": []}
     deadline = time.monotonic() + 30
     while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.2)

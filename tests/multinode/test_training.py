@@ -143,8 +143,10 @@ def node_states(cluster) -> dict:
     return dict(zip(out[::2], out[1::2]))
 
 
-# The collective timeout the node-lost runs set (parallel.collective_timeout_s; the default is torch's 30 min).
-COLLECTIVE_TIMEOUT_S = 15
+# The collective timeout the node-lost runs set (parallel.collective_timeout_s; the default is torch's 30 min). Below
+# the earliest moment Slurm can kill the job for the lost node (SlurmdTimeout 10 s after node2's last answer, at
+# most a ping interval before the cut, then KillWait 5 s before SIGKILL), so rank 0 always reports its timeout.
+COLLECTIVE_TIMEOUT_S = 8
 
 
 def test_a_node_lost_mid_run_fails_the_job_and_the_requeued_run_resumes(net_jobs, net_cluster, setup,

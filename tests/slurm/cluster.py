@@ -66,12 +66,13 @@ class SlurmCluster:
     """``start()`` brings up munged + slurmctld + slurmd with ``CPUs=num_cpus``; ``stop()`` cancels what is still
     queued and terminates exactly the three processes it started."""
 
-    def __init__(self, num_cpus: int = 2, real_memory_mb: int = 4000, cred_expire_s: int = 10):
+    def __init__(self, num_cpus: int = 2, real_memory_mb: int = 4000, cred_expire_s: int = 10,
+                 root_prefix: str = "megadoremi-slurm-"):
         self.programs = find_programs()
         self.num_cpus, self.real_memory_mb, self.cred_expire_s = num_cpus, real_memory_mb, cred_expire_s
         # Short and world-traversable: munged insists its socket directory be executable by all, and the socket
         # path must fit in sockaddr_un (pytest's tmp_path is neither).
-        self.root = tempfile.mkdtemp(prefix="megadoremi-slurm-")
+        self.root = tempfile.mkdtemp(prefix=root_prefix)
         os.chmod(self.root, 0o755)
         self.conf = os.path.join(self.root, "slurm.conf")
         self.munge_socket = os.path.join(self.root, "munge", "munge.socket")
@@ -215,18 +216,23 @@ class SlurmCluster:
                 while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
                     time.sleep(0.5)
         finally:
-            # In reverse start order: slurmd first (its job steps are gone by now), the controller, then munged.
-            for name in reversed(list(self.processes)):
-                process = self.processes[name]
-                if process.poll() is not None:
-                    continue
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=30)
-            shutil.rmtree(self.root, ignore_errors=True)
+            try:
+                self._stop_daemons()
+            finally:
+                shutil.rmtree(self.root, ignore_errors=True)
+
+    def _stop_daemons(self) -> None:
+        # In reverse start order: slurmd first (its job steps are gone by now), the controller, then munged.
+        for name in reversed(list(self.processes)):
+            process = self.processes[name]
+            if process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
 
     # ------------------------------------------------------------------------------------------------ jobs
     def run(self, program: str, *args: str, check: bool = True, timeout_s: float = 60, **env_extra):

@@ -22,7 +22,6 @@ lists whatever is left.
 """
 
 import argparse
-import getpass
 import os
 import re
 import shlex
@@ -33,6 +32,7 @@ import sys
 import tempfile
 import time
 
+from megadoremi.utils.fs import process_alive
 from tests.slurm.cluster import SlurmCluster, SlurmError
 
 SUBNET = "10.213.0"
@@ -52,16 +52,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise SlurmError(f"ip {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def namespace_pids(namespace: str) -> list[int]:
@@ -117,10 +107,14 @@ def _owner(name: str) -> int:
     return int((NAMESPACE_RE.match(base) or LINK_RE.match(base) or FABRIC_DIR_RE.match(base)).group(1), 16)
 
 
+def _of_dead_owners(found: dict) -> dict:
+    """What ``leftovers`` found, restricted to runs whose owner process no longer exists."""
+    return {key: [name for name in names if not process_alive(_owner(name))] for key, names in found.items()}
+
+
 def sweep_leftovers() -> dict:
     """Remove what runs whose owner process is gone left behind (a kill -9, a machine reset); returns it."""
-    found = leftovers()
-    dead = {key: [name for name in names if not _pid_alive(_owner(name))] for key, names in found.items()}
+    dead = _of_dead_owners(leftovers())
     remove(dead)
     return dead
 
@@ -312,11 +306,7 @@ class NetSlurmCluster(SlurmCluster):
         """Cancel the jobs and stop the daemons, then every process left on the hosts and the hosts themselves,
         and only then remove the cluster's folder (job steps may still write into it until they are stopped)."""
         try:
-            if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
-                self.run("scancel", "--full", "--user", getpass.getuser(), check=False)
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
-                    time.sleep(0.5)
+            self._cancel_jobs(timeout_s=30)
         finally:
             try:
                 self._stop_daemons()
@@ -364,7 +354,7 @@ def main(argv=None) -> int:
         return hold(args.fail)
     status = 0
     if args.check:
-        left = {key: [name for name in names if not _pid_alive(_owner(name))] for key, names in leftovers().items()}
+        left = _of_dead_owners(leftovers())
         if any(left.values()):
             print(f"left behind by earlier runs: {left}", file=sys.stderr)
             status = 1

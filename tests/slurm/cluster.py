@@ -210,16 +210,21 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel the jobs still known to the controller, then stop the daemons this object started."""
         try:
-            if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
-                self.run("scancel", "--full", "--user", getpass.getuser(), check=False)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
-                    time.sleep(0.5)
+            self._cancel_jobs(timeout_s=60)
         finally:
             try:
                 self._stop_daemons()
             finally:
                 shutil.rmtree(self.root, ignore_errors=True)
+
+    def _cancel_jobs(self, timeout_s: float) -> None:
+        """Cancel every job the controller (if it still runs) knows and wait up to ``timeout_s`` for the queue to
+        empty."""
+        if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
+            self.run("scancel", "--full", "--user", getpass.getuser(), check=False)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+                time.sleep(0.5)
 
     def _stop_daemons(self) -> None:
         # In reverse start order: slurmd first (its job steps are gone by now), the controller, then munged.

@@ -9,28 +9,15 @@ import os
 
 import pytest
 
+from tests.helpers.opt_in import skip_unless_selected
 from tests.slurm.cluster import Jobs, SlurmCluster, SlurmError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _selected(config) -> bool:
-    if os.environ.get("MEGADOREMI_SLURM_TESTS") == "1":
-        return True
-    for arg in config.args:
-        path = os.path.abspath(str(arg).split("::")[0])
-        if path == HERE or path.startswith(HERE + os.sep):
-            return True
-    return False
-
-
 def pytest_collection_modifyitems(config, items):
-    if _selected(config):
-        return
-    skip = pytest.mark.skip(reason="Slurm tests run with `make test-slurm` (or `pytest tests/slurm`)")
-    for item in items:
-        if str(item.path).startswith(HERE + os.sep):
-            item.add_marker(skip)
+    skip_unless_selected(config, items, HERE, "MEGADOREMI_SLURM_TESTS",
+                         "Slurm tests run with `make test-slurm` (or `pytest tests/slurm`)")
 
 
 @pytest.fixture(scope="session")
